@@ -1,0 +1,237 @@
+"""Training shapes-llava in LLaVA's stages (Liu et al., 2023), with the recipe measured in the zoo
+pilots: (1) vision-tower pre-training with per-patch heads (colour, shape, size, row, col),
+(2) projector alignment (projector only), (3) instruction tuning (projector + LM) on the six question
+families with the binding curriculum and lagging-family re-weighting, early-stopped at >= 0.97.
+
+Deterministic for a seed: each step's data comes from its own numpy generator (seed, stage, step),
+and the resumable state (weights, optimizer, RNG, family weights) is written atomically, so a killed
+run resumed from its directory ends with the same weights as an uninterrupted one.
+
+    python -m vlmscope.zoo.train shapes-llava --out runs/shapes-llava [--seed 0] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from vlmscope.data.batches import family_weights, patch_batch, qa_batch
+from vlmscope.data.sampling import standard_examples
+from vlmscope.data.tokenizer import build_processor, vocabulary
+from vlmscope.zoo import checkpoint as ck
+from vlmscope.zoo.evaluate import accuracy
+from vlmscope.zoo.shapes_llava import NAME, build_model, build_patch_heads, part_keys, part_parameters
+
+STATE = "state.safetensors"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: which parts train, for how long, and where fp16 snapshots are kept."""
+
+    name: str
+    parts: tuple[str, ...]
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int
+    floor: float = 0.0  # final lr as a fraction of the peak (cosine)
+    snapshots: tuple[int, ...] = ()  # steps within the stage; the stage's last step is always kept
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The shapes-llava recipe (zoo pilot 3, run E2). Defaults reproduce the shipped model."""
+
+    seed: int = 0
+    stages: tuple[Stage, ...] = (
+        Stage("vision", ("vision",), 500, 64, 2e-3, 50, snapshots=(100,)),
+        Stage("align", ("projector",), 300, 32, 1e-3, 30),
+        Stage("instruct", ("projector", "lm"), 18_000, 32, 1e-3, 200, floor=0.02,
+              snapshots=(1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000)),
+    )  # fmt: skip
+    hard_fraction: float = 0.75  # share of the binding curriculum in instruction batches
+    eval_every: int = 1000
+    eval_n: int = 600
+    val_seed: int = 1_000_003
+    stop_at: float = 0.97  # stop instruction tuning once every family reaches this on validation
+    save_every: int = 250
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Progress:
+    """Where a run stands; stored as the metadata of the state file."""
+
+    stage: int = 0
+    step: int = 0
+    elapsed_s: float = 0.0
+    accuracy: dict[str, float] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    done: bool = False
+
+
+def lr_at(stage: Stage, step: int) -> float:
+    """Linear warm-up, then cosine from the peak down to floor * peak at the stage's last step."""
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    return stage.lr * (stage.floor + (1 - stage.floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def global_step(cfg: TrainConfig, stage: int, step: int) -> int:
+    return sum(s.steps for s in cfg.stages[:stage]) + step
+
+
+def _loss(model, heads, stage: Stage, rng: np.random.Generator, weights: dict[str, float], cfg: TrainConfig):
+    if stage.name == "vision":
+        b = patch_batch(rng, stage.batch_size)
+        out = model.model.vision_tower(b.pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[-1][:, 1:]  # (batch, 9, d_vision): the layer the LM reads, CLS dropped
+        return sum(torch.nn.functional.cross_entropy(h(feats).flatten(0, 1), b.labels[k].flatten())
+                   for k, h in heads.items())  # fmt: skip
+    b = qa_batch(rng, stage.batch_size, weights, cfg.hard_fraction)
+    x = b.inputs
+    logits = model(input_ids=x.input_ids, attention_mask=x.attention_mask, pixel_values=x.pixel_values).logits
+    return torch.nn.functional.cross_entropy(logits[torch.arange(len(b.answers)), x.last], b.answers)
+
+
+def _save_state(out: Path, model, heads, opt, prog: Progress) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"heads.{k}": v for k, v in heads.state_dict().items()}
+    groups: list[dict] = []
+    if opt is not None:
+        flat, groups = ck.optimizer_tensors(opt)
+        tensors |= {f"optim.{k}": v for k, v in flat.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    ck.save_atomic(tensors, out / STATE, {"progress": asdict(prog), "param_groups": groups})
+
+
+def _snapshot(out: Path, cfg: TrainConfig, model, stage_i: int, step: int) -> None:
+    stage = cfg.stages[stage_i]
+    keys = part_keys(model, stage.parts) if step > 0 or stage_i > 0 else list(model.state_dict())
+    ck.write_snapshot(out / "checkpoints", global_step(cfg, stage_i, step), stage.name, model.state_dict(), keys)
+
+
+def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None = None,
+          progress_bar: bool = True) -> Progress:  # fmt: skip
+    """Train (or resume) into `out`; returns the final progress. `halt_at` (a global step) stops the
+    run there without saving, as a kill would: used to test resumption."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, heads = build_model(cfg.seed), build_patch_heads(cfg.seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    prog, saved = Progress(), None
+    if (out / STATE).exists():
+        saved = load_file(str(out / STATE))
+        meta = ck.read_metadata(out / STATE)
+        prog = Progress(**meta["progress"])
+        model.load_state_dict(ck.split_prefix(saved, "model"), strict=True)
+        heads.load_state_dict(ck.split_prefix(saved, "heads"), strict=True)
+        torch.set_rng_state(saved["rng.torch"])
+    else:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        _snapshot(out, cfg, model, 0, 0)
+    while not prog.done:
+        stage = cfg.stages[prog.stage]
+        params = part_parameters(model, stage.parts) + (list(heads.parameters()) if stage.name == "vision" else [])
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=stage.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        if saved is not None and prog.step > 0:
+            ck.load_optimizer(opt, ck.split_prefix(saved, "optim"), ck.read_metadata(out / STATE)["param_groups"])
+        saved = None
+        model.train()
+        bar = tqdm(range(prog.step, stage.steps), desc=f"{NAME} {stage.name}", initial=prog.step,
+                   total=stage.steps, disable=not progress_bar, mininterval=10)  # fmt: skip
+        t0, stop = time.perf_counter(), False
+        for step in bar:
+            if halt_at is not None and global_step(cfg, prog.stage, step) >= halt_at:
+                return prog
+            rng = np.random.default_rng([cfg.seed, prog.stage, step])
+            for g in opt.param_groups:
+                g["lr"] = lr_at(stage, step)
+            loss = _loss(model, heads, stage, rng, family_weights(prog.accuracy), cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            done = step + 1
+            if stage.name == "instruct" and (done % cfg.eval_every == 0 or done == stage.steps):
+                prog.accuracy = accuracy(model, standard_examples(cfg.val_seed, cfg.eval_n))
+                prog.history.append({"step": global_step(cfg, prog.stage, done), "accuracy": prog.accuracy})
+                stop = min(prog.accuracy.values()) >= cfg.stop_at
+                bar.write(f"step {done}: " + " ".join(f"{k} {v:.2f}" for k, v in prog.accuracy.items()))
+                model.train()
+            if done in stage.snapshots or done == stage.steps or stop:
+                _snapshot(out, cfg, model, prog.stage, done)
+            now = time.perf_counter()
+            prog.elapsed_s += now - t0
+            prog.stage_seconds[stage.name] = prog.stage_seconds.get(stage.name, 0.0) + now - t0
+            t0 = now
+            if stop:
+                break
+            if done % cfg.save_every == 0 and done < stage.steps:
+                prog.step = done
+                _save_state(out, model, heads, opt, prog)
+        bar.close()
+        for p in params:
+            p.requires_grad_(False)
+        prog.stage, prog.step = prog.stage + 1, 0
+        prog.done = stop or prog.stage == len(cfg.stages)
+        _save_state(out, model, heads, None, prog)
+    _export_final(out, model, prog)
+    return prog
+
+
+def _export_final(out: Path, model, prog: Progress) -> None:
+    """The trained model as a transformers directory (config, fp32 safetensors, processor)."""
+    model.eval()
+    model.save_pretrained(out / "final", safe_serialization=True)
+    build_processor().save_pretrained(out / "final")
+    ck.write_json_atomic(asdict(prog), out / "final" / "training.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m vlmscope.zoo.train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=[NAME])
+    parser.add_argument("--out", required=True, help="run directory (resumes if it holds a state)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="instruction-tuning steps (default: recipe's)")
+
+
+def run(args: argparse.Namespace) -> Progress:
+    """Train from parsed arguments on one torch thread (faster than two on a shared machine)."""
+    torch.set_num_threads(1)
+    cfg = TrainConfig(seed=args.seed)
+    if args.steps is not None:
+        last = replace(cfg.stages[-1], steps=args.steps, snapshots=tuple(s for s in cfg.stages[-1].snapshots
+                                                                         if s < args.steps))  # fmt: skip
+        cfg = replace(cfg, stages=(*cfg.stages[:-1], last))
+    _ = vocabulary()
+    prog = train(args.out, cfg)
+    print(json.dumps({"done": prog.done, "elapsed_s": round(prog.elapsed_s, 1), "accuracy": prog.accuracy}))
+    return prog
+
+
+if __name__ == "__main__":
+    main()
