@@ -16,7 +16,7 @@ def _seeded(seed: int):
 
 
 def tiny_llava(seed: int = 0, image_size: int = 28, patch_size: int = 14, text_hidden: int = 64,
-               text_layers: int = 2, strategy: str = "default"):
+               text_layers: int = 2, strategy: str = "default", image_token: int = IMAGE_TOKEN):
     """A LlavaForConditionalGeneration with a 2-layer CLIP tower and a 2-layer Llama (GQA)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -26,7 +26,7 @@ def tiny_llava(seed: int = 0, image_size: int = 28, patch_size: int = 14, text_h
         text_config=LlamaConfig(hidden_size=text_hidden, intermediate_size=2 * text_hidden,
                                 num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2,
                                 vocab_size=128, bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2, vision_feature_select_strategy=strategy,
+        image_token_index=image_token, vision_feature_layer=-2, vision_feature_select_strategy=strategy,
     )
     _seeded(seed)
     return LlavaForConditionalGeneration(cfg).eval()

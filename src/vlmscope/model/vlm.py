@@ -59,6 +59,11 @@ class VLM:
         self.processor = processor
         self.adapter = adapter or adapter_for(model)
         self.site_table: dict[str, SiteSpec] = self.adapter.site_table(model)
+        mine = getattr(processor, "image_token_id", None)
+        theirs = getattr(model.config, "image_token_id", None)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise InputError(f"the processor's image token id {mine} differs from the model's image_token_id "
+                             f"{theirs}; they must come from the same checkpoint")
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())

@@ -1,0 +1,5 @@
+import sys
+
+from vlmscope.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""The `vlmscope` command line. Thin: it parses flags, calls the library and prints."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _load(name: str | None):
+    import vlmscope as vs
+    from vlmscope import testing
+
+    if name in (None, "tiny-llava"):
+        return vs.load(testing.tiny_llava()), testing.llava_inputs
+    if name == "tiny-clip":
+        return vs.load(testing.tiny_clip()), testing.clip_inputs
+    return vs.load(name if (":" in name or "/" in name or "." in name) else f"zoo:{name}"), None
+
+
+def cmd_sites(args) -> int:
+    m, _ = _load(args.model)
+    for name in m.sites(args.pattern):
+        spec = m.site(name)
+        print(f"{name:40s} {spec.layout}")
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    """Load a model, list its sites, cache one activation and check hooked == plain."""
+    import torch
+
+    torch.set_num_threads(1)
+    m, make_inputs = _load(args.model)
+    print(m)
+    print(f"{len(m.sites())} sites, e.g.: {', '.join(m.sites('*.blocks.0.*')[:4])} ...")
+    inputs = make_inputs(m.model) if make_inputs else m.prepare(*_zoo_example(m))
+    out, cache = m.run_with_cache(inputs, args.site)
+    with torch.no_grad():
+        plain = m.model(**inputs)
+    key = "logits" if "logits" in out else "logits_per_image"
+    pos = m.positions(inputs)
+    for site in cache:
+        t = cache[site]
+        print(f"{site}: shape {tuple(t.shape)} ({cache.layouts[site]}), mean {t.float().mean():+.4f}, "
+              f"std {t.float().std():.4f}")
+    first = next(iter(pos.values()))
+    print(f"positions of example 0 ({first.stream}): {' '.join(first.roles(0))}")
+    print(f"hooked == plain: {torch.equal(out[key], plain[key])}")
+    return 0
+
+
+def _zoo_example(m):
+    from vlmscope.data import example_batch  # provided by the shapes world
+
+    return example_batch(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlmscope", description="Mechanistic interpretability for VLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sites", help="list a model's hook sites")
+    s.add_argument("--model", default=None, help="zoo name, local checkpoint folder, tiny-llava or tiny-clip")
+    s.add_argument("--pattern", default=None, help="glob over site names, e.g. 'lm.blocks.*.resid_post'")
+    s.set_defaults(func=cmd_sites)
+    q = sub.add_parser("quickstart", help="load a model, print its sites and a cached activation")
+    q.add_argument("--model", default="tiny-llava")
+    q.add_argument("--site", default="lm.blocks.0.resid_post")
+    q.set_defaults(func=cmd_quickstart)
+    try:
+        from vlmscope.zoo.cli import add_parser as add_zoo
+    except ImportError:
+        add_zoo = None
+    if add_zoo is not None:
+        add_zoo(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
