@@ -88,6 +88,20 @@ class VLM:
             raise SiteError(f"this model has no blocks under {part!r}; parts with blocks: {', '.join(parts)}")
         return n
 
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits of residual-stream vectors: the LM's final norm, then its unembedding (the
+        modules behind the `lm.norm` and `lm.logits` sites)."""
+        if "lm.norm" not in self.site_table or "lm.logits" not in self.site_table:
+            raise SiteError("this model has no language-model head (lm.norm / lm.logits); the logit lens "
+                            "needs a generative VLM")
+        norm = self.model.get_submodule(self.site_table["lm.norm"].module)
+        head = self.model.get_submodule(self.site_table["lm.logits"].module)
+        return head(norm(resid))
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
