@@ -1,0 +1,1 @@
+"""Rendering: figures (plots.py) and, later, the HTML report. Imported lazily by results."""
