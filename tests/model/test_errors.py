@@ -29,7 +29,7 @@ def test_unknown_architecture_lists_the_supported_ones():
 def test_patch_source_of_wrong_batch_or_shape(llava):
     model, m, x = llava
     _, c = m.run_with_cache(T.llava_inputs(model, batch=3), "lm.blocks.0.resid_post")
-    with pytest.raises(vs.InterventionError, match=r"needs batch 2 \(or 1, broadcast\)"):
+    with pytest.raises(vs.InterventionError, match=r"needs batch 2 \(or a divisor of it"):
         m.run(x, [vs.patch("lm.blocks.0.resid_post", c)])
     with pytest.raises(vs.InterventionError, match="shape"):
         m.run(x, [vs.patch("lm.blocks.0.resid_post", torch.zeros(2, 9, 7))])

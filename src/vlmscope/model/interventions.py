@@ -187,15 +187,16 @@ def _source_tensor(source: Any, site: str, t: torch.Tensor, what: str) -> torch.
 
 
 def _check_shape(s: torch.Tensor, t: torch.Tensor, site: str, what: str) -> None:
-    if s.shape[1:] != t.shape[1:] or s.shape[0] not in (1, t.shape[0]):
+    if s.shape[1:] != t.shape[1:] or t.shape[0] % s.shape[0] != 0:
         raise InterventionError(
             f"{what} for {site!r} has shape {tuple(s.shape)} but the activation has shape {tuple(t.shape)}; "
-            f"it needs batch {t.shape[0]} (or 1, broadcast) and the same remaining axes"
+            f"it needs batch {t.shape[0]} (or a divisor of it, tiled: 1 broadcasts) and the same remaining axes"
         )
 
 
 def _src_index(idx: tuple[torch.Tensor, ...], s: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return idx if s.shape[0] != 1 else (torch.zeros_like(idx[0]), *idx[1:])
+    """Run rows read source rows; a source with fewer rows is tiled (row % n)."""
+    return (idx[0] % s.shape[0], *idx[1:])
 
 
 def _kept_expand(source: Cache, site: str, stream: str, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
