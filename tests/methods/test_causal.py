@@ -32,6 +32,17 @@ def _last(out):
     return out.logits[:, -1]
 
 
+def test_prefix_reuse_is_taken_and_exact(setup):
+    from vlmscope.methods.patching import _SuffixRunner
+
+    _, m, clean, corrupt = setup
+    assert _SuffixRunner.make(m, corrupt, []) is not None
+    sites = ["lm.embed", "lm.blocks.*.resid_mid", "lm.blocks.*.attn.z", "lm.blocks.*.mlp.post"]
+    fast = patch_sweep(m, clean, corrupt, METRIC, sites=sites, batch_size=16)
+    slow = patch_sweep(m, clean, corrupt, METRIC, sites=sites, batch_size=16, prefix_reuse=False)
+    torch.testing.assert_close(fast.raw, slow.raw, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("direction", ["denoise", "noise"])
 def test_sweep_equals_one_run_per_patch(setup, direction):
     model, m, clean, corrupt = setup

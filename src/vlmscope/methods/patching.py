@@ -9,6 +9,7 @@ patches ride in one forward: each job (component x position group) owns rows of 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -121,11 +122,14 @@ def _tile(inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
 def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metric: Metric,
                 sites: str | Sequence[str] = "lm.blocks.*.resid_post", positions: Groups = "each",
                 direction: Literal["denoise", "noise"] = "denoise", heads: bool = False, batch_size: int = 32,
-                corrupt_interventions: Sequence[Intervention] = ()) -> PatchingResult:
+                corrupt_interventions: Sequence[Intervention] = (), prefix_reuse: bool = True) -> PatchingResult:
     """Exact activation patching of every component x position group.
 
     clean/corrupt: inputs with equal token layouts (SIP, STR), or the same inputs with
     `corrupt_interventions` (e.g. `gaussian_noise(...)`) making the corrupt run.
+    prefix_reuse: in a causal LM a patch at position p cannot change positions before p, so
+    LM-site patches rerun only the suffix from p, on the base run's cached keys and values
+    (checked once against the full run; off when the model or the corruption rules it out).
     """
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}")
@@ -159,19 +163,26 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
                 jobs.append((ci, labels.index(g.label), site, head, mask))
     raw = torch.full((pairs, len(comps), len(labels)), float("nan"))
     per_forward = max(1, batch_size // pairs)
-    for start in range(0, len(jobs), per_forward):
-        chunk = jobs[start:start + per_forward]
+    suffix = _SuffixRunner.make(vlm, base, base_ivs) if prefix_reuse else None
+    plain_jobs = [j for j in jobs if suffix is None or not suffix.accepts(vlm.site(j[2]))]
+    suffix_jobs = [j for j in jobs if suffix is not None and suffix.accepts(vlm.site(j[2]))]
+    for start in range(0, len(plain_jobs), per_forward):
+        chunk = plain_jobs[start:start + per_forward]
         n = len(chunk)
         inputs = _tile(base, n)
         ivs: list[Intervention] = [_tiled(iv, n) for iv in base_ivs]
         for j, (_, _, site, head, mask) in enumerate(chunk):
-            full_mask = torch.zeros((n * mask.shape[0], mask.shape[1]), dtype=torch.bool)
-            full_mask[j * mask.shape[0]:(j + 1) * mask.shape[0]] = mask
-            ivs.append(patch(site, source, positions=full_mask, heads=None if head is None else [head]))
+            ivs.append(patch(site, source, positions=_job_mask(mask, n, j), heads=None if head is None else [head]))
         out = vlm.run(inputs, ivs)
-        values = _metric_of(vlm, out, inputs, metric).view(n, pairs)
-        for j, (ci, gi, *_rest) in enumerate(chunk):
-            raw[:, ci, gi] = values[j]
+        _store(raw, chunk, _metric_of(vlm, out, inputs, metric).view(n, pairs))
+    # suffix jobs by layer then position, latest first: each forward shares its skipped blocks
+    # and a long reused prefix
+    suffix_jobs.sort(key=lambda j: (-(vlm.site(j[2]).layer or 0), -_first_position(j[4])))
+    for start in range(0, len(suffix_jobs), per_forward):
+        chunk = suffix_jobs[start:start + per_forward]
+        p0 = min(_first_position(j[4]) for j in chunk)
+        values = suffix.run(chunk, p0, source, metric)
+        _store(raw, chunk, values)
     per_pair = normalise(raw, m_clean[:, None, None], m_corrupt[:, None, None])
     return PatchingResult(
         direction=direction, metric=metric_name(metric), components=tuple(c[0] for c in comps),
@@ -179,6 +190,110 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
         raw=raw, clean=m_clean, corrupt=m_corrupt, group_row=torch.tensor([meta[g][0] for g in labels]),
         group_col=torch.tensor([meta[g][1] for g in labels]),
     )
+
+
+def _job_mask(mask: torch.Tensor, n: int, j: int) -> torch.Tensor:
+    """The (n * rows, pos) mask selecting `mask` in the j-th tiled copy only."""
+    full = torch.zeros((n * mask.shape[0], mask.shape[1]), dtype=torch.bool)
+    full[j * mask.shape[0]:(j + 1) * mask.shape[0]] = mask
+    return full
+
+
+def _first_position(mask: torch.Tensor) -> int:
+    return int(mask.any(0).nonzero()[0])
+
+
+def _store(raw: torch.Tensor, chunk, values: torch.Tensor) -> None:
+    for j, (ci, gi, *_rest) in enumerate(chunk):
+        raw[:, ci, gi] = values[j]
+
+
+class _Skip(torch.nn.Module):
+    """Stands in for a block whose output the suffix run already knows: returns its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+class _SuffixRunner:
+    """Reruns only what a patch at (layer l, position p) can change in a causal LM: positions
+    >= p (on the base run's cached keys and values) and blocks >= l (earlier blocks are
+    skipped, and block l starts from the base run's residual)."""
+
+    def __init__(self, vlm, base, cache, kv, last, n_layers: int, skip_layers: bool):
+        self.vlm, self.base, self.cache, self.kv, self.last = vlm, base, cache, kv, last
+        self.n_layers, self.skip_layers = n_layers, skip_layers
+        self.layers_path = vlm.site("lm.blocks.0.resid_pre").module.rsplit(".", 1)[0]
+
+    @classmethod
+    def make(cls, vlm, base, base_ivs):
+        if not vlm.adapter.lm_causal or "lm.embed" not in vlm.site_table:
+            return None
+        if any(_site_of(iv) != "lm.embed" for iv in base_ivs):
+            return None  # other corruptions would need re-applying inside the suffix
+        n = vlm.n_layers("lm")
+        try:
+            out, cache = vlm.run_with_cache(base, ["lm.embed", "lm.blocks.*.resid_pre", "lm.blocks.0.resid_post"],
+                                            interventions=base_ivs, use_cache=True)
+        except (TypeError, ValueError):
+            return None
+        kv = out.get("cache", None) if hasattr(out, "get") else None
+        kv = kv if kv is not None else getattr(out, "past_key_values", None)
+        if kv is None or not hasattr(kv, "layers"):
+            return None
+        last = vlm.positions(base)["lm"].last()
+        full = out.logits[torch.arange(len(last)), last]
+        p = int(last.min())
+        # blocks can be skipped only if they return the residual itself (not a tuple)
+        skip = isinstance(cache["lm.blocks.0.resid_post"], torch.Tensor) and n > 1
+        runner = cls(vlm, base, cache, kv, last, n, skip)
+        if skip and not torch.allclose(runner._logits(p, 1, [], n - 1), full, atol=1e-4, rtol=1e-4):
+            runner.skip_layers = False
+        if not torch.allclose(runner._logits(p, 1, [], 0), full, atol=1e-4, rtol=1e-4):
+            return None
+        return runner
+
+    def accepts(self, spec) -> bool:
+        return spec.stream == "lm" and spec.hook != "pattern"
+
+    def _logits(self, p: int, n: int, ivs, layer: int) -> torch.Tensor:
+        kv = copy.deepcopy(self.kv)
+        for kv_layer in kv.layers:
+            kv_layer.keys = kv_layer.keys[:, :, :p].repeat(n, 1, 1, 1)
+            kv_layer.values = kv_layer.values[:, :, :p].repeat(n, 1, 1, 1)
+        inputs = {"inputs_embeds": self.cache["lm.embed"][:, p:].repeat(n, 1, 1), "cache": kv}
+        if "attention_mask" in self.base:
+            inputs["attention_mask"] = self.base["attention_mask"].repeat(n, 1)
+        skip = layer if self.skip_layers else 0
+        if skip:
+            start = f"lm.blocks.{skip}.resid_pre"
+            known = self.cache[start][:, p:]
+            everywhere = torch.ones(n * known.shape[0], known.shape[1], dtype=torch.bool)
+            ivs = [patch(start, {start: known}, positions=everywhere)] + list(ivs)
+        blocks = self.vlm.model.get_submodule(self.layers_path)
+        kept = [blocks[i] for i in range(skip)]
+        try:
+            for i in range(skip):
+                blocks[i] = _Skip()
+            out = self.vlm.run(inputs, ivs)
+        finally:
+            for i, block in enumerate(kept):
+                blocks[i] = block
+        last = (self.last - p).repeat(n).to(out.logits.device)
+        return out.logits[torch.arange(len(last), device=last.device), last]
+
+    def run(self, chunk, p: int, source, metric) -> torch.Tensor:
+        p = min(p, int(self.last.min()))
+        layer = min(self.vlm.site(j[2]).layer or 0 for j in chunk)
+        n, rows = len(chunk), len(self.last)
+        ivs = [patch(site, {site: source[site][:, p:]}, positions=_job_mask(mask[:, p:], n, j),
+                     heads=None if head is None else [head])
+               for j, (_, _, site, head, mask) in enumerate(chunk)]
+        return metric(self._logits(p, n, ivs, layer)).float().cpu().view(n, rows)
+
+
+def _site_of(iv) -> str | None:
+    return getattr(iv, "site", None)
 
 
 def _tiled(iv: Intervention, n: int) -> Intervention:

@@ -141,9 +141,12 @@ def _index(spec: SiteSpec, t: torch.Tensor, ctx: RunContext, positions: Position
             raise InterventionError(f"{spec.name!r} has no position axis ({spec.layout}); drop positions=")
         (b,) = rows.nonzero(as_tuple=True)
         return (b[:, None], torch.as_tensor(neurons)[None]) if neurons is not None else (b,)
+    seq_axis = 2 if spec.hook == "pattern" else 1
+    if pos_mask is None and isinstance(positions, torch.Tensor) and positions.dtype == torch.bool \
+            and tuple(positions.shape) == (t.shape[0], t.shape[seq_axis]):
+        pos_mask = positions  # an exact mask needs no token-stream lookup
     if pos_mask is None:
         pos_mask = ctx.positions(spec.stream).select(positions)
-    seq_axis = 2 if spec.hook == "pattern" else 1
     expected = (t.shape[0], t.shape[seq_axis])
     if tuple(pos_mask.shape) != expected:
         raise InterventionError(
