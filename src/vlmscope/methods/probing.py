@@ -232,3 +232,110 @@ def fit_probes(features: torch.Tensor | Mapping[str, torch.Tensor], labels: torc
         control_score=control.detach(), weight=weight.detach(), bias=bias.detach(),
         mean=mean.detach(), std=std.detach(), classes=tuple(classes), n_train=len(tr) + len(va), n_test=len(te),
     )
+
+
+# --- probing a VLM's sites -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, repr=False)
+class ConceptTrace(Result):
+    """Decodability of one concept at each site, in forward order (vision -> connector -> LM),
+    and where it falls most: the survey's "is visual information lost at the connector?"."""
+
+    kind = "concept_trace"
+    target: str
+    sites: tuple[str, ...]
+    parts: tuple[str, ...]  # vision / connector / lm per site
+    score: torch.Tensor  # (site,) test accuracy
+    control_score: torch.Tensor  # (site,)
+    n_rows: torch.Tensor  # (site,) rows probed
+    drop_after: str  # the site after which decodability falls the most
+    drop: float  # by how much (accuracy points, 0..1)
+
+    def to_dataframe(self):
+        df = long_frame(self.score, ("site",), {"site": list(self.sites)}, name="score")
+        df["part"] = list(self.parts)
+        df["control"] = self.control_score.tolist()
+        df["depth"] = [i / max(1, len(self.sites) - 1) for i in range(len(self.sites))]
+        df["target"] = self.target
+        return df
+
+    def lost(self, threshold: float = 0.1) -> bool:
+        return self.drop >= threshold
+
+
+def site_features(vlm, inputs: Mapping, sites: Sequence[str], labels: Mapping[str, torch.Tensor]
+                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For each site, the (rows, d) activations at the positions of its stream whose label is
+    >= 0, and those labels. labels: {stream: (batch, pos) long}, -1 where there is no label."""
+    _, cache = vlm.run_with_cache(inputs, list(sites))
+    out = {}
+    for site in sites:
+        spec = vlm.site(site)
+        if spec.stream not in labels:
+            raise ValueError(f"no labels for the {spec.stream!r} stream of {site!r}; give labels for: "
+                             f"{', '.join(sorted({vlm.site(s).stream for s in sites}))}")
+        lab = labels[spec.stream]
+        act = cache[site]
+        if act.shape[:2] != lab.shape:
+            raise ValueError(f"labels for {spec.stream!r} have shape {tuple(lab.shape)}, activations of {site!r} "
+                             f"{tuple(act.shape[:2])}")
+        keep = lab >= 0
+        out[site] = (act[keep].flatten(1).float().cpu(), lab[keep].cpu())
+    return out
+
+
+def trace_concept(vlm, inputs: Mapping, labels: Mapping[str, torch.Tensor], sites: Sequence[str] | None = None,
+                  target: str = "concept", config: ProbeConfig | None = None) -> ConceptTrace:
+    """Probe one concept at every site (default: each vision block, the connector output, each LM
+    block's residual), in forward order, and mark the largest fall in decodability."""
+    if sites is None:
+        sites = [s for s in vlm.sites() if s.endswith(".resid_post") or s == "connector.out"]
+        sites = [s for s in sites if vlm.site(s).stream in labels]
+    feats = site_features(vlm, inputs, sites, labels)
+    scores, controls, rows = [], [], []
+    groups: dict[tuple, list[str]] = {}
+    for s in sites:  # stack sites with the same rows and width into one batched fit
+        x, y = feats[s]
+        groups.setdefault((vlm.site(s).stream, x.shape[1], x.shape[0]), []).append(s)
+    fitted: dict[str, tuple[float, float, int]] = {}
+    for names in groups.values():
+        x = torch.stack([feats[s][0] for s in names])
+        r = fit_probes(x, feats[names[0]][1], config, names=names, target=target)
+        for i, s in enumerate(names):
+            fitted[s] = (float(r.score[i]), float(r.control_score[i]), x.shape[1])
+    for s in sites:
+        scores.append(fitted[s][0])
+        controls.append(fitted[s][1])
+        rows.append(fitted[s][2])
+    score = torch.tensor(scores)
+    falls = score[:-1] - score[1:]
+    k = int(falls.argmax()) if len(falls) else 0
+    return ConceptTrace(target=target, sites=tuple(sites), parts=tuple(s.split(".")[0] for s in sites),
+                        score=score, control_score=torch.tensor(controls), n_rows=torch.tensor(rows),
+                        drop_after=sites[k], drop=float(falls[k]) if len(falls) else 0.0)
+
+
+def patch_probe_grid(vlm, inputs: Mapping, labels: torch.Tensor, site: str,
+                     config: ProbeConfig | None = None) -> tuple[torch.Tensor, ProbeResult]:
+    """One probe per image-patch location (row, col) at `site`: a (rows, cols) heatmap of test
+    accuracy over the image, and the probes. labels: (batch, pos) on the site's stream, -1 to skip."""
+    _, cache = vlm.run_with_cache(inputs, site)
+    spec = vlm.site(site)
+    pos = vlm.positions(inputs)[spec.stream]
+    act = cache[site].flatten(2).float().cpu()
+    cells = sorted({(r, c) for r, c in zip(pos.row[pos.row >= 0].tolist(), pos.col[pos.row >= 0].tolist())})
+    xs, ys = [], []
+    for r, c in cells:
+        at = (pos.row == r) & (pos.col == c)  # one position per image row
+        idx = at.float().argmax(1)
+        rows = torch.arange(act.shape[0])
+        xs.append(act[rows, idx])
+        ys.append(torch.where(at.any(1), labels[rows, idx], -1))
+    result = fit_probes(torch.stack(xs), torch.stack(ys), config, names=[f"r{r}c{c}" for r, c in cells],
+                        target=f"{site} per patch")
+    h, w = max(r for r, _ in cells) + 1, max(c for _, c in cells) + 1
+    grid = torch.full((h, w), float("nan"))
+    for (r, c), s in zip(cells, result.score):
+        grid[r, c] = s
+    return grid, result
