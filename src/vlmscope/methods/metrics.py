@@ -15,8 +15,14 @@ Metric = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _ids(tokens, batch: int, device) -> torch.Tensor:
+    """One id per row: a scalar broadcasts; per-example ids tile over a batch that repeats the
+    examples (the layout batched sweeps use)."""
     t = torch.as_tensor(tokens, device=device).long()
-    return t.expand(batch) if t.dim() == 0 else t
+    if t.dim() == 0:
+        return t.expand(batch)
+    if batch % len(t):
+        raise ValueError(f"{len(t)} token ids for a batch of {batch} rows")
+    return t.repeat(batch // len(t))
 
 
 @dataclass(frozen=True)

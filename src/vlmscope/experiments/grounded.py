@@ -1,0 +1,138 @@
+"""One function per method family: run it on zoo data and score it against ground truth.
+
+Each returns (result, scores): the method's typed result and a dict of named numbers that the
+report's ground-truth scorecard shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vlmscope.data import COLOURS, SHAPES
+from vlmscope.methods.knockout import KnockoutResult, knockout_sweep
+from vlmscope.methods.lens import LensResult, logit_lens
+from vlmscope.methods.metrics import last_logits, logit_diff
+from vlmscope.methods.patching import PatchingResult, patch_sweep
+from vlmscope.methods.probing import ConceptTrace, patch_probe_grid, trace_concept
+from vlmscope.zoo import truth
+
+
+def where_is_it_lost(vlm, attribute: str = "colour", n: int = 300, seed: int = 0
+                     ) -> tuple[ConceptTrace, torch.Tensor, dict[str, float]]:
+    """Probe `attribute` of the object at each patch through vision -> connector -> LM (image
+    tokens), plus a per-patch probe grid at the last vision block."""
+    exs = truth.examples(seed, n)
+    x = truth.inputs_for(vlm, exs)
+    scenes = [e.scene for e in exs]
+    streams = [s for s in ("vision", "connector", "lm") if s in vlm.positions(x)]
+    labels = {s: truth.patch_labels(vlm, x, scenes, attribute, stream=s) for s in streams}
+    trace = trace_concept(vlm, x, labels, target=attribute)
+    last_vision = [s for s in trace.sites if s.startswith("vision.")][-1]
+    background = len(truth.ATTRIBUTES[attribute])  # an extra class: "no object here"
+    grid, _ = patch_probe_grid(vlm, x, truth.patch_labels(vlm, x, scenes, attribute, stream="vision",
+                                                        background=background), last_vision)
+    scores = {
+        f"probe {attribute} at {last_vision}": float(trace.score[trace.sites.index(last_vision)]),
+        f"probe {attribute} at connector.out": float(trace.score[trace.sites.index("connector.out")])
+        if "connector.out" in trace.sites else float("nan"),
+        f"largest drop in {attribute} decodability": trace.drop,
+        "per-patch probe grid, mean accuracy": float(grid.nanmean()),
+    }
+    return trace, grid, scores
+
+
+def lens_word_accuracy(vlm, n: int = 60, seed: int = 0, k: int = 1) -> tuple[LensResult, dict[str, list[float]]]:
+    """The logit lens at every LM layer over image tokens: how often the top-k words at an object's
+    patch include that object's colour or shape word, against how often a background patch's
+    top-k words name any object of its scene (the baseline)."""
+    exs = truth.examples(seed, n)
+    x = truth.inputs_for(vlm, exs)
+    res = logit_lens(vlm, x, k=max(k, 5))
+    tok = vlm.tokenizer
+    colour_ids = tok.convert_tokens_to_ids(list(COLOURS))
+    shape_ids = tok.convert_tokens_to_ids(list(SHAPES))
+    owner = truth.patch_labels(vlm, x, [e.scene for e in exs], "cell")  # object's cell at each patch
+    pos = vlm.positions(x)["lm"]
+    obj_hit, bg_hit = [], []
+    for li in range(len(res.layers)):
+        hits_o, n_o, hits_b, n_b = 0, 0, 0, 0
+        for b, ex in enumerate(exs):
+            by_cell = {o.cell: o for o in ex.scene.objects}
+            scene_words = {colour_ids[COLOURS.index(o.colour)] for o in ex.scene.objects} | \
+                          {shape_ids[SHAPES.index(o.shape)] for o in ex.scene.objects}
+            for p in (pos.row[b] >= 0).nonzero().flatten().tolist():
+                top = set(res.top_ids[li, b, p, :k].tolist())
+                if owner[b, p] >= 0:
+                    o = by_cell[int(owner[b, p])]
+                    own = {colour_ids[COLOURS.index(o.colour)], shape_ids[SHAPES.index(o.shape)]}
+                    hits_o += bool(top & own)
+                    n_o += 1
+                else:
+                    hits_b += bool(top & scene_words)
+                    n_b += 1
+        obj_hit.append(hits_o / max(n_o, 1))
+        bg_hit.append(hits_b / max(n_b, 1))
+    return res, {"object patch names its object": obj_hit, "background patch names a scene object": bg_hit}
+
+
+def sip_localisation(vlm, n_pairs: int = 8, seed: int = 0, sites: str | Sequence[str] = "lm.blocks.*.resid_post",
+                     top: int | None = None) -> tuple[PatchingResult, dict[str, float]]:
+    """Denoising over (layer x image patch) on semantic image pairs: do the early layers' largest
+    per-patch effects fall on the changed object's patches? Precision of the top patches
+    (top = the changed object's patch count) against the known mask, per layer and overall."""
+    pairs = truth.counterfactual_pairs(seed, n_pairs, "sip")
+    clean = truth.inputs_for(vlm, [p.clean for p in pairs])
+    corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
+    good = truth.answer_ids(vlm, [p.clean for p in pairs])
+    bad = truth.answer_ids(vlm, [p.corrupt for p in pairs])
+    res = patch_sweep(vlm, clean, corrupt, logit_diff(good, bad), sites=sites, positions="patches")
+    rows, cols = int(res.group_row.max()) + 1, int(res.group_col.max()) + 1
+    precision = torch.zeros(len(res.components))
+    for ci in range(len(res.components)):
+        hits, total = 0, 0
+        for pi, pair in enumerate(pairs):
+            changed = torch.as_tensor(pair.changed_patches((rows, cols))).flatten()
+            kk = top or int(changed.sum())
+            if kk == 0:
+                continue
+            effect = res.per_pair[pi, ci].nan_to_num(-1e9)
+            hits += int(changed[effect.topk(kk).indices].sum())
+            total += kk
+        precision[ci] = hits / max(total, 1)
+    scores = {f"SIP top-patch precision at {c}": float(p) for c, p in zip(res.components, precision)}
+    scores["SIP top-patch precision, first layer"] = float(precision[0])
+    scores["changed-patch fraction (chance)"] = float(sum(p.changed_patches((rows, cols)).mean() for p in pairs)
+                                                      / len(pairs))
+    return res, scores
+
+
+def image_flow_knockout(vlm, n: int = 120, seed: int = 0, window: int = 1
+                        ) -> tuple[KnockoutResult, KnockoutResult, dict[str, float]]:
+    """Knock out image -> last-token attention in a sliding window of layers: the logit of the
+    right answer (relative change) and the answer accuracy per window; plus knockout in every
+    layer at once, which must drop accuracy to chance."""
+    exs = truth.examples(seed, n)
+    x = truth.inputs_for(vlm, exs)
+    answers = truth.answer_ids(vlm, exs)
+    correct = _answer_logit(answers)
+    res = knockout_sweep(vlm, x, correct, window=window)
+    from vlmscope.methods.knockout import accuracy_metric
+
+    acc = knockout_sweep(vlm, x, accuracy_metric(answers), window=window)
+    full = knockout_sweep(vlm, x, accuracy_metric(answers), window=vlm.n_layers("lm"))
+    out = vlm.run(x)
+    base = float((last_logits(vlm, out, x).argmax(-1).cpu() == answers).float().mean())
+    scores = {"accuracy": base, "accuracy, image->last blocked in all layers": float(full.values.mean())}
+    for s, v in zip(acc.starts, acc.values.mean(1).tolist()):
+        scores[f"accuracy, blocked in layers {s}..{s + window - 1}"] = v
+    return res, acc, scores
+
+
+def _answer_logit(answers: torch.Tensor):
+    def answer_logit(logits: torch.Tensor) -> torch.Tensor:
+        return logits[torch.arange(logits.shape[0]), answers.to(logits.device)]
+
+    answer_logit.name = "answer_logit"  # type: ignore[attr-defined]
+    return answer_logit
