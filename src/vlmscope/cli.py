@@ -49,6 +49,60 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _save(out: str, name: str, result, scores: dict | None = None, fig=None) -> None:
+    import json
+    from pathlib import Path
+
+    folder = Path(out) / name
+    result.save(folder)
+    if fig is not None:
+        fig.savefig(folder / "figure.png", dpi=120)
+    if scores is not None:
+        (folder / "scores.json").write_text(json.dumps(scores, indent=1))
+        for k, v in scores.items():
+            print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    print(f"wrote {folder}")
+
+
+def cmd_probe(args) -> int:
+    from vlmscope.experiments.grounded import where_is_it_lost
+
+    m, _ = _load(args.model)
+    trace, grid, scores = where_is_it_lost(m, args.attribute, n=args.n, seed=args.seed)
+    print(f"{args.attribute}: largest fall after {trace.drop_after} ({trace.drop:.3f})")
+    _save(args.out, f"probe-{args.attribute}", trace, scores, trace.plot() if hasattr(trace, "plot") else None)
+    return 0
+
+
+def cmd_lens(args) -> int:
+    from vlmscope.experiments.grounded import lens_word_accuracy
+
+    m, _ = _load(args.model)
+    result, scores = lens_word_accuracy(m, n=args.n, seed=args.seed)
+    for k, v in scores.items():
+        print(f"  {k}: " + " ".join(f"{x:.2f}" for x in v))
+    _save(args.out, "lens", result, None, result.plot())
+    return 0
+
+
+def cmd_patch(args) -> int:
+    from vlmscope.experiments.grounded import sip_localisation
+
+    m, _ = _load(args.model)
+    result, scores = sip_localisation(m, n_pairs=args.n, seed=args.seed, sites=args.sites)
+    _save(args.out, "patching", result, scores)
+    return 0
+
+
+def cmd_knockout(args) -> int:
+    from vlmscope.experiments.grounded import image_flow_knockout
+
+    m, _ = _load(args.model)
+    logit, acc, scores = image_flow_knockout(m, n=args.n, seed=args.seed, window=args.window)
+    _save(args.out, "knockout", logit, scores)
+    return 0
+
+
 def _zoo_example(m):
     from vlmscope.data import example_batch  # provided by the shapes world
 
@@ -66,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="tiny-llava")
     q.add_argument("--site", default="lm.blocks.0.resid_post")
     q.set_defaults(func=cmd_quickstart)
+    for name, fn, helptext, extra in (
+        ("probe", cmd_probe, "where a concept is decodable and where it is lost (zoo ground truth)",
+         [("--attribute", dict(default="colour", choices=["colour", "shape", "size", "cell"]))]),
+        ("lens", cmd_lens, "logit lens over image and text tokens, scored by patch words", []),
+        ("patch", cmd_patch, "SIP activation patching over layer x image patch, scored by the changed object",
+         [("--sites", dict(default="lm.blocks.*.resid_post"))]),
+        ("knockout", cmd_knockout, "image->last attention knockout windows and their accuracy",
+         [("--window", dict(type=int, default=1))]),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("--model", default="shapes-llava", help="zoo name or local checkpoint folder")
+        c.add_argument("--n", type=int, default={"probe": 300, "lens": 60, "patch": 8, "knockout": 120}[name])
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--out", default="vlmscope-out")
+        for flag, kw in extra:
+            c.add_argument(flag, **kw)
+        c.set_defaults(func=fn)
     try:
         from vlmscope.zoo.cli import add_parser as add_zoo
     except ImportError:

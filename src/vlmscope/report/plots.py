@@ -67,6 +67,58 @@ def lens(r, ax=None, example: int = 0, what: str = "entropy"):
     return fig
 
 
+@plotter("concept_trace")
+def concept_trace(r, ax=None):
+    """Decodability through vision -> connector -> LM, parts shaded, the largest fall marked."""
+    fig, ax = _axes(ax, (max(5, 0.3 * len(r.sites)), 3))
+    x = np.arange(len(r.sites))
+    colours = {"vision": "tab:blue", "connector": "tab:orange", "lm": "tab:green"}
+    for part in dict.fromkeys(r.parts):
+        idx = [i for i, p in enumerate(r.parts) if p == part]
+        ax.axvspan(idx[0] - 0.5, idx[-1] + 0.5, color=colours.get(part, "grey"), alpha=0.08)
+        ax.text(np.mean(idx), 1.03, part, ha="center", fontsize=8)
+    ax.plot(x, r.score.numpy(), "o-", color="black", label=f"{r.target} probe")
+    ax.plot(x, r.control_score.numpy(), "x--", color="grey", label="control task")
+    k = r.sites.index(r.drop_after)
+    if r.drop > 0:
+        ax.annotate(f"-{r.drop:.2f}", (k + 0.5, float(r.score[k + 1])), color="red", fontsize=8)
+    ax.set_xticks(x, [s.replace(".resid_post", "").replace("blocks.", "") for s in r.sites], rotation=70, fontsize=7)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+@plotter("patching")
+def patching(r, ax=None):
+    """Effect per component (rows) and position group (columns); clean = 1, corrupt = 0."""
+    fig, ax = _axes(ax, (max(4, 0.25 * len(r.groups) + 2), max(2.5, 0.25 * len(r.components) + 1)))
+    vals = r.effect.numpy()
+    lim = max(1.0, float(np.nanmax(np.abs(vals)))) if np.isfinite(vals).any() else 1.0
+    im = ax.imshow(vals, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_yticks(range(len(r.components)), r.components, fontsize=7)
+    step = max(1, len(r.groups) // 30)
+    ax.set_xticks(range(0, len(r.groups), step), r.groups[::step], rotation=70, fontsize=7)
+    fig.colorbar(im, ax=ax, label=f"normalised {r.metric}")
+    ax.set_title(f"{'attribution' if r.approximate else 'activation'} patching ({r.direction})")
+    fig.tight_layout()
+    return fig
+
+
+@plotter("knockout")
+def knockout(r, ax=None):
+    """Relative change of the metric when src->dst attention is blocked in each layer window."""
+    fig, ax = _axes(ax, (5, 3))
+    ax.bar(r.starts, r.relative.numpy(), color="tab:purple")
+    ax.axhline(0, color="black", linewidth=0.5)
+    ax.set_xlabel(f"first layer of the {r.window}-layer window")
+    ax.set_ylabel(f"relative change in {r.metric}")
+    ax.set_title(f"knockout {r.src} -> {r.dst}")
+    fig.tight_layout()
+    return fig
+
+
 def patch_words(image: np.ndarray | None, words: list[list[str]], probs=None, ax=None, title: str = ""):
     """Words drawn over the image's patch grid (the per-patch lens), shaded by probability."""
     rows, cols = len(words), len(words[0])
