@@ -103,6 +103,20 @@ def cmd_knockout(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from vlmscope.experiments.demo import run_demo
+
+    run_demo(args.out, model=args.model, seed=args.seed)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from vlmscope.report.html import build_report
+
+    print(build_report(args.results))
+    return 0
+
+
 def _zoo_example(m):
     from vlmscope.data import example_batch  # provided by the shapes world
 
@@ -120,6 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="tiny-llava")
     q.add_argument("--site", default="lm.blocks.0.resid_post")
     q.set_defaults(func=cmd_quickstart)
+    d = sub.add_parser("demo", help="run the five method families on the zoo and write a report")
+    d.add_argument("--out", default="vlmscope-demo")
+    d.add_argument("--model", default="shapes-llava")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("report", help="build index.html from a saved results folder")
+    r.add_argument("results")
+    r.set_defaults(func=cmd_report)
     for name, fn, helptext, extra in (
         ("probe", cmd_probe, "where a concept is decodable and where it is lost (zoo ground truth)",
          [("--attribute", dict(default="colour", choices=["colour", "shape", "size", "cell"]))]),

@@ -1,0 +1,131 @@
+"""`vlmscope demo`: the five method families on the zoo, scored against ground truth, saved.
+
+Each stage writes one folder of saved results (result.json + tensors, scores.json, figures);
+the report is then built from those files alone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+from vlmscope.experiments import grounded
+
+matplotlib.use("Agg")
+
+
+def _write_scores(folder: Path, scores: dict) -> None:
+    (folder / "scores.json").write_text(json.dumps(scores, indent=1))
+
+
+def _stage_probing(vlm, out: Path, seed: int) -> dict:
+    from vlmscope.report.plots import heatmap_over_image
+
+    scores = {}
+    for attribute in ("colour", "shape", "cell"):
+        trace, grid, s = grounded.where_is_it_lost(vlm, attribute, n=300, seed=seed)
+        folder = out / f"probe-{attribute}"
+        trace.save(folder)
+        trace.plot().savefig(folder / "figure-trace.png", dpi=110)
+        heatmap_over_image(None, grid.numpy(), title=f"per-patch {attribute} probe accuracy", vmin=0,
+                           vmax=1).savefig(folder / "figure-patch-grid.png", dpi=110)
+        _write_scores(folder, s)
+        scores.update(s)
+    return scores
+
+
+def _stage_lens(vlm, out: Path, seed: int) -> dict:
+    from vlmscope.data import render
+    from vlmscope.report.plots import patch_words
+    from vlmscope.zoo import truth
+
+    result, acc = grounded.lens_word_accuracy(vlm, n=60, seed=seed)
+    folder = out / "lens"
+    result.save(folder)
+    result.plot().savefig(folder / "figure-entropy.png", dpi=110)
+    best = max(range(len(result.layers)), key=lambda i: acc["object patch names its object"][i])
+    ex = truth.examples(seed, 1)[0]
+    words, probs = result.patch_map(result.layers[best], example=0)
+    patch_words(render(ex.scene), words, probs, title=f"logit lens at layer {result.layers[best]}, each patch") \
+        .savefig(folder / "figure-patch-words.png", dpi=110)
+    scores = {"lens: object patch names its object (best layer)": acc["object patch names its object"][best],
+              "lens: background baseline at that layer": acc["background patch names a scene object"][best],
+              "lens: best layer": result.layers[best]}
+    _write_scores(folder, {**scores, **{k: v for k, v in acc.items()}})
+    return scores
+
+
+def _stage_patching(vlm, out: Path, seed: int) -> dict:
+    from vlmscope.methods.attribution import attribution_patching, compare
+    from vlmscope.methods.metrics import logit_diff
+    from vlmscope.zoo import truth
+
+    result, scores = grounded.sip_localisation(vlm, n_pairs=8, seed=seed)
+    folder = out / "patching"
+    result.save(folder)
+    result.plot().savefig(folder / "figure-sweep.png", dpi=110)
+    pairs = truth.counterfactual_pairs(seed, 8, "sip")
+    clean = truth.inputs_for(vlm, [p.clean for p in pairs])
+    corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
+    metric = logit_diff(truth.answer_ids(vlm, [p.clean for p in pairs]),
+                        truth.answer_ids(vlm, [p.corrupt for p in pairs]))
+    atp = attribution_patching(vlm, clean, corrupt, metric, positions="patches")
+    agree = compare(result, atp)
+    atp.save(out / "atp")
+    atp.plot().savefig(out / "atp" / "figure-sweep.png", dpi=110)
+    scores["AtP vs exact, Pearson r"] = agree.pearson["all"]
+    _write_scores(out / "atp", {"AtP vs exact, Pearson r": agree.pearson["all"],
+                                "worst cells": [list(map(str, c)) for c in agree.disagreements[:5]]})
+    _write_scores(folder, scores)
+    logit, acc, kscores = grounded.image_flow_knockout(vlm, n=120, seed=seed)
+    kfolder = out / "knockout"
+    logit.save(kfolder)
+    logit.plot().savefig(kfolder / "figure-windows.png", dpi=110)
+    _write_scores(kfolder, kscores)
+    return {**scores, **kscores}
+
+
+STAGES: dict[str, tuple[str, Callable]] = {
+    "probing": ("Probing", _stage_probing),
+    "lens": ("Logit lens", _stage_lens),
+    "patching": ("Activation patching", _stage_patching),
+}
+
+
+def run_demo(out: str | Path = "vlmscope-demo", model: str = "shapes-llava", seed: int = 0,
+             stages: tuple[str, ...] | None = None, report: bool = True, progress: bool = True) -> Path:
+    """Run every stage on a zoo model, save results under `out`, and build `out/index.html`."""
+    import torch
+
+    from vlmscope import zoo
+
+    torch.set_num_threads(1)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vlm = zoo.load(model)
+    manifest = {"model": model, "seed": seed, "stages": []}
+    t_all = time.perf_counter()
+    chosen = stages or tuple(STAGES)
+    for i, key in enumerate(chosen, 1):
+        title, fn = STAGES[key]
+        if progress:
+            print(f"[{i}/{len(chosen)}] {title} ...", flush=True)
+        t0 = time.perf_counter()
+        scores = fn(vlm, out, seed)
+        dt = time.perf_counter() - t0
+        manifest["stages"].append({"key": key, "title": title, "seconds": round(dt, 1), "scores": scores})
+        if progress:
+            print(f"      done in {dt:.1f}s", flush=True)
+    manifest["seconds"] = round(time.perf_counter() - t_all, 1)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, default=float))
+    if report:
+        from vlmscope.report.html import build_report
+
+        path = build_report(out)
+        if progress:
+            print(f"report: {path}")
+    return out

@@ -1,0 +1,168 @@
+"""The report: one self-contained HTML page (figures inlined, no network) built from a results
+folder alone — a section per method family, a reading of what its numbers show, and a
+ground-truth scorecard saying which methods can be trusted on this model."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from jinja2 import Environment
+
+from vlmscope import __version__
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>vlmscope report — {{ model }}</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 980px; margin: 2em auto; color: #222; line-height: 1.45 }
+h1 { margin-bottom: 0 } .sub { color: #666; margin-top: .2em }
+table { border-collapse: collapse; width: 100%; margin: 1em 0 } td, th { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left }
+td.num { text-align: right; font-variant-numeric: tabular-nums } .ok { color: #1a7f37 } .weak { color: #b35900 } .bad { color: #c62828 }
+figure { display: inline-block; margin: .5em; vertical-align: top } figure img { max-width: 440px; border: 1px solid #eee }
+figcaption { font-size: .85em; color: #555; max-width: 440px } section { margin-top: 2.2em }
+.reading { background: #f6f8fa; padding: .8em 1em; border-left: 3px solid #888 }
+</style></head><body>
+<h1>vlmscope report</h1>
+<p class="sub">model <b>{{ model }}</b> · seed {{ seed }} · {{ seconds }} s · vlmscope {{ version }}</p>
+<h2 id="scorecard">Ground-truth scorecard</h2>
+<p>Each method is checked against what the shapes world knows to be true. A method that passes its
+check on this model can be trusted to localise or decode this kind of fact; one that fails cannot.</p>
+<table><tr><th>family</th><th>check</th><th>score</th><th>bar</th><th>verdict</th></tr>
+{% for row in scorecard %}<tr><td>{{ row.family }}</td><td>{{ row.check }}</td><td class="num">{{ row.value }}</td>
+<td class="num">{{ row.bar }}</td><td class="{{ row.css }}">{{ row.verdict }}</td></tr>
+{% endfor %}</table>
+{% for s in sections %}<section id="{{ s.key }}"><h2>{{ s.title }}</h2>
+<p class="reading">{{ s.reading }}</p>
+{% for f in s.figures %}<figure><img alt="{{ f.caption }}" src="data:image/png;base64,{{ f.data }}"><figcaption>{{ f.caption }}</figcaption></figure>{% endfor %}
+</section>{% endfor %}
+</body></html>
+"""
+
+CAPTIONS = {
+    "figure-trace.png": "Probe accuracy at every site, vision → connector → LM (image tokens); grey: control task.",
+    "figure-patch-grid.png": "Per-patch probes at the last vision block: test accuracy at each patch location.",
+    "figure-entropy.png": "Entropy of the logit lens per layer and token role.",
+    "figure-patch-words.png": "The logit lens's top word at each image patch, drawn over the image.",
+    "figure-sweep.png": "Effect of patching each (layer, image patch); clean = 1, corrupt = 0.",
+    "figure-windows.png": "Change in the answer's logit when image→last attention is blocked in a layer window.",
+}
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
+
+
+def _figures(folder: Path) -> list[dict]:
+    out = []
+    for png in sorted(folder.glob("*.png")):
+        caption = f"{folder.name}: " + CAPTIONS.get(png.name, png.stem.replace("-", " "))
+        out.append({"caption": caption, "data": base64.b64encode(png.read_bytes()).decode()})
+    return out
+
+
+def _scores(root: Path, name: str) -> dict:
+    f = root / name / "scores.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _row(family, check, value, bar, higher=True):
+    if value is None or value != value:
+        return {"family": family, "check": check, "value": "n/a", "bar": _fmt(bar), "verdict": "not run",
+                "css": "weak"}
+    ok = value >= bar if higher else value <= bar
+    return {"family": family, "check": check, "value": _fmt(float(value)), "bar": ("≥ " if higher else "≤ ") + _fmt(bar),
+            "verdict": "trustworthy here" if ok else "fails its check", "css": "ok" if ok else "bad"}
+
+
+def scorecard(root: Path) -> list[dict]:
+    rows = []
+    colour = _scores(root, "probe-colour")
+    vision = next((v for k, v in colour.items() if k.startswith("probe colour at vision")), None)
+    rows.append(_row("probing", "colour of the object at a patch, last vision block", vision, 0.95))
+    cell = _scores(root, "probe-cell")
+    conn = cell.get("probe cell at connector.out")
+    rows.append(_row("probing", "object's grid cell at the connector output", conn, 0.9))
+    lens = _scores(root, "lens")
+    hit = lens.get("lens: object patch names its object (best layer)")
+    base = lens.get("lens: background baseline at that layer")
+    rows.append(_row("logit lens", "object patches name their object's word, above the background rate",
+                     None if hit is None else hit - (base or 0), 0.05))
+    patch = _scores(root, "patching")
+    rows.append(_row("activation patching", "SIP: top patches at the first LM layer are the changed object's",
+                     patch.get("SIP top-patch precision, first layer"), 0.8))
+    atp = _scores(root, "atp")
+    rows.append(_row("activation patching", "attribution patching agrees with exact patching (Pearson r)",
+                     atp.get("AtP vs exact, Pearson r"), 0.9))
+    ko = _scores(root, "knockout")
+    rows.append(_row("attention knockout", "blocking image→last in all layers drops accuracy to chance",
+                     ko.get("accuracy, image->last blocked in all layers"), 0.4, higher=False))
+    for key, label, bar in (("sae", "best SAE feature F1 for colour concepts (mean)", 0.8),
+                            ("explain", "explanations verified by controlled images", 0.8)):
+        s = _scores(root, key)
+        if s:
+            rows.append(_row(label.split()[0] if key == "explain" else "sparse autoencoders", label,
+                             s.get("score"), bar))
+    return rows
+
+
+def _reading(key: str, root: Path) -> str:
+    if key == "probing":
+        c, s, cell = _scores(root, "probe-colour"), _scores(root, "probe-shape"), _scores(root, "probe-cell")
+        parts = []
+        for name, sc in (("colour", c), ("shape", s), ("grid cell", cell)):
+            vis = next((v for k, v in sc.items() if k.startswith("probe") and "vision" in k), float("nan"))
+            con = next((v for k, v in sc.items() if k.endswith("connector.out")), float("nan"))
+            drop = next((v for k, v in sc.items() if k.startswith("largest drop")), float("nan"))
+            parts.append(f"{name} is decodable at {vis:.0%} from the last vision block and {con:.0%} at the "
+                         f"connector output (largest fall along the way: {drop:.0%})")
+        return "Linear probes on image-patch activations: " + "; ".join(parts) + ". A fall at the connector " \
+            "would mean the projector discards what the tower saw; a flat curve means the fact reaches the LM."
+    if key == "lens":
+        sc = _scores(root, "lens")
+        hit, base = sc.get("object patch names its object", []), sc.get("background patch names a scene object", [])
+        by_layer = ", ".join(f"L{i}: {h:.0%} vs {b:.0%}" for i, (h, b) in enumerate(zip(hit, base)))
+        return ("The logit lens read at image tokens: how often an object's patch names that object's colour or "
+                f"shape, against how often a background patch names any object of its scene — {by_layer}. "
+                "Where the first number clearly exceeds the second, image tokens already carry words for what "
+                "they show (Neo et al. 2024).")
+    if key == "patching":
+        sc, ko, atp = _scores(root, "patching"), _scores(root, "knockout"), _scores(root, "atp")
+        prec = {k.split(" at ")[-1]: v for k, v in sc.items() if k.startswith("SIP top-patch precision at")}
+        text = ", ".join(f"{k.replace('.resid_post', '')}: {v:.0%}" for k, v in prec.items())
+        windows = {k.split("layers ")[-1]: v for k, v in ko.items() if "blocked in layers" in k}
+        wtext = ", ".join(f"layers {k}: {v:.0%}" for k, v in windows.items())
+        return (f"Semantic image pairs change one object. Denoising each (layer, patch) shows where the answer's "
+                f"information sits: the share of the top patches that belong to the changed object is {text} "
+                f"(chance {sc.get('changed-patch fraction (chance)', float('nan')):.0%}). Attribution patching tracks "
+                f"the exact sweep with r = {atp.get('AtP vs exact, Pearson r', float('nan')):.2f}. Blocking attention "
+                f"from the image to the last token: accuracy {ko.get('accuracy', float('nan')):.0%} normally, "
+                f"{ko.get('accuracy, image->last blocked in all layers', float('nan')):.0%} with every layer blocked, "
+                f"and per single layer {wtext} — the layers whose blocking hurts are where the image flows into "
+                "the answer.")
+    return ""
+
+
+def build_report(root: str | Path, out: str | Path | None = None) -> Path:
+    """Write `index.html` for a results folder (as written by `vlmscope demo` / `vlmscope run`)."""
+    root = Path(root)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(f"{root} has no manifest.json: not a vlmscope results folder")
+    manifest = json.loads(manifest_path.read_text())
+    groups = {"probing": ["probe-colour", "probe-shape", "probe-cell"], "lens": ["lens"],
+              "patching": ["patching", "atp", "knockout"], "sae": ["sae"], "explain": ["explain"]}
+    sections = []
+    for stage in manifest["stages"]:
+        figures = [f for name in groups.get(stage["key"], [stage["key"]]) if (root / name).exists()
+                   for f in _figures(root / name)]
+        sections.append({"key": stage["key"], "title": stage["title"], "figures": figures,
+                         "reading": _reading(stage["key"], root) or stage.get("reading", "")})
+    page = Environment(autoescape=True).from_string(TEMPLATE).render(
+        model=manifest["model"], seed=manifest.get("seed", 0), seconds=manifest.get("seconds", "?"),
+        version=__version__, scorecard=scorecard(root), sections=sections,
+    )
+    path = Path(out) if out else root / "index.html"
+    path.write_text(page)
+    return path
