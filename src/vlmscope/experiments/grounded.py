@@ -31,16 +31,44 @@ def where_is_it_lost(vlm, attribute: str = "colour", n: int = 300, seed: int = 0
     trace = trace_concept(vlm, x, labels, target=attribute)
     last_vision = [s for s in trace.sites if s.startswith("vision.")][-1]
     background = len(truth.ATTRIBUTES[attribute])  # an extra class: "no object here"
-    grid, _ = patch_probe_grid(vlm, x, truth.patch_labels(vlm, x, scenes, attribute, stream="vision",
-                                                        background=background), last_vision)
+    grid, probes = patch_probe_grid(vlm, x, truth.patch_labels(vlm, x, scenes, attribute, stream="vision",
+                                                             background=background), last_vision)
+    mass = heatmap_mass(vlm, probes, last_vision, attribute, background, n=60, seed=seed + 1)
     scores = {
         f"probe {attribute} at {last_vision}": float(trace.score[trace.sites.index(last_vision)]),
         f"probe {attribute} at connector.out": float(trace.score[trace.sites.index("connector.out")])
         if "connector.out" in trace.sites else float("nan"),
         f"largest drop in {attribute} decodability": trace.drop,
         "per-patch probe grid, mean accuracy": float(grid.nanmean()),
+        "per-patch probe heatmap mass on object patches": mass,
     }
     return trace, grid, scores
+
+
+def heatmap_mass(vlm, probes, site: str, attribute: str, background: int, n: int = 60, seed: int = 1) -> float:
+    """On fresh scenes, each per-patch probe's probability that its patch shows an object (1 - P(no
+    object)) forms a heatmap over the image; the mean share of that heatmap on the object patches
+    (chance: the share of object patches)."""
+    exs = truth.examples(seed, n)
+    x = truth.inputs_for(vlm, exs)
+    _, cache = vlm.run_with_cache(x, site)
+    pos = vlm.positions(x)[vlm.site(site).stream]
+    owner = truth.patch_labels(vlm, x, [e.scene for e in exs], "cell", stream=vlm.site(site).stream)
+    shares = []
+    act = cache[site].float().cpu()
+    for b in range(act.shape[0]):
+        heat, on = [], []
+        for name in probes.names:
+            r, c = int(name[1:name.index("c")]), int(name[name.index("c") + 1:])
+            p = int(((pos.row[b] == r) & (pos.col[b] == c)).float().argmax())
+            i = probes.names.index(name)
+            probs = probes.logits(act[b, p][None, None].expand(len(probes.names), 1, -1))[i, 0].softmax(-1)
+            heat.append(1 - float(probs[background]) if background < probs.shape[0] else 1.0)
+            on.append(bool(owner[b, p] >= 0))
+        total = sum(heat)
+        if total > 0 and any(on):
+            shares.append(sum(h for h, o in zip(heat, on) if o) / total)
+    return sum(shares) / max(len(shares), 1)
 
 
 def lens_word_accuracy(vlm, n: int = 60, seed: int = 0, k: int = 1) -> tuple[LensResult, dict[str, list[float]]]:
