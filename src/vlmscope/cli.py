@@ -117,6 +117,28 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """The local web app on one model (bound to 127.0.0.1 unless --host says otherwise)."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        import multipart  # noqa: F401  (uploads)
+        import uvicorn
+
+        from vlmscope.report.app import create_app, load_sae_or_none
+    except ImportError as e:
+        print(f"vlmscope serve needs FastAPI, uvicorn and python-multipart ({e.name} is missing): "
+              "pip install 'vlmscope[app]'", file=sys.stderr)
+        return 2
+    m, _ = _load(args.model)
+    sae, why = load_sae_or_none(args.sae)
+    print(f"{m}\nSAE panel: {why if sae is None else sae}")
+    print(f"serving on http://{args.host}:{args.port} (Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(m, sae), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _zoo_example(m):
     from vlmscope.data import example_batch  # provided by the shapes world
 
@@ -142,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="build index.html from a saved results folder")
     r.add_argument("results")
     r.set_defaults(func=cmd_report)
+    w = sub.add_parser("serve", help="a local web app: ask a model about an image and look inside")
+    w.add_argument("--model", default="shapes-llava", help="zoo name or local checkpoint folder")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    w.add_argument("--port", type=int, default=8000)
+    w.add_argument("--sae", default=None, help="an SAE folder (cfg.json + sae_weights.safetensors) for the "
+                   "feature panel")
+    w.set_defaults(func=cmd_serve)
     for name, fn, helptext, extra in (
         ("probe", cmd_probe, "where a concept is decodable and where it is lost (zoo ground truth)",
          [("--attribute", dict(default="colour", choices=["colour", "shape", "size", "cell"]))]),
