@@ -178,8 +178,7 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
     # suffix jobs by layer then position, latest first: each forward shares its skipped blocks
     # and a long reused prefix
     suffix_jobs.sort(key=lambda j: (-(vlm.site(j[2]).layer or 0), -_first_position(j[4])))
-    for start in range(0, len(suffix_jobs), per_forward):
-        chunk = suffix_jobs[start:start + per_forward]
+    for chunk in _suffix_chunks(vlm, suffix_jobs, per_forward, suffix.length):
         p0 = min(_first_position(j[4]) for j in chunk)
         values = suffix.run(chunk, p0, source, metric)
         _store(raw, chunk, values)
@@ -203,6 +202,26 @@ def _first_position(mask: torch.Tensor) -> int:
     return int(mask.any(0).nonzero()[0])
 
 
+SPREAD = 0.15  # a suffix chunk's rows may start at most this fraction of its suffix apart
+
+
+def _suffix_chunks(vlm, jobs, per_forward: int, length: int):
+    """Consecutive jobs (sorted by layer, then position, latest first) batched together while they
+    share a layer and their first positions lie close: every row reruns the chunk's longest suffix,
+    so rows far apart would waste work."""
+    chunk: list = []
+    for job in jobs:
+        layer, p = vlm.site(job[2]).layer or 0, _first_position(job[4])
+        if chunk:
+            first_layer, first_p = vlm.site(chunk[0][2]).layer or 0, _first_position(chunk[0][4])
+            if len(chunk) == per_forward or layer != first_layer or first_p - p > SPREAD * (length - p):
+                yield chunk
+                chunk = []
+        chunk.append(job)
+    if chunk:
+        yield chunk
+
+
 def _store(raw: torch.Tensor, chunk, values: torch.Tensor) -> None:
     for j, (ci, gi, *_rest) in enumerate(chunk):
         raw[:, ci, gi] = values[j]
@@ -223,6 +242,7 @@ class _SuffixRunner:
     def __init__(self, vlm, base, cache, kv, last, n_layers: int, skip_layers: bool):
         self.vlm, self.base, self.cache, self.kv, self.last = vlm, base, cache, kv, last
         self.n_layers, self.skip_layers = n_layers, skip_layers
+        self.length = cache["lm.embed"].shape[1]
         self.layers_path = vlm.site("lm.blocks.0.resid_pre").module.rsplit(".", 1)[0]
 
     @classmethod
