@@ -178,7 +178,7 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
     # suffix jobs by layer then position, latest first: each forward shares its skipped blocks
     # and a long reused prefix
     suffix_jobs.sort(key=lambda j: (-(vlm.site(j[2]).layer or 0), -_first_position(j[4])))
-    for chunk in _suffix_chunks(vlm, suffix_jobs, per_forward, suffix.length):
+    for chunk in _suffix_chunks(vlm, suffix_jobs, per_forward, suffix.length if suffix else 0):
         p0 = min(_first_position(j[4]) for j in chunk)
         values = suffix.run(chunk, p0, source, metric)
         _store(raw, chunk, values)
