@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, kw in extra:
             c.add_argument(flag, **kw)
         c.set_defaults(func=fn)
+    from vlmscope.methods.sae.cli import add_parser as add_sae
+
+    add_sae(sub)
     try:
         from vlmscope.zoo.cli import add_parser as add_zoo
     except ImportError:

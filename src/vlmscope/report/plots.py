@@ -159,3 +159,79 @@ def _axes(ax, size):
         return ax.figure, ax
     fig, ax = plt.subplots(figsize=size)
     return fig, ax
+
+
+# --- sparse autoencoders (vlmscope.methods.sae) -----------------------------------------------------
+
+
+@plotter("sae_eval")
+def sae_eval(r, ax=None):
+    """Histogram of log10 latent firing frequency (dead latents counted at the left edge)."""
+    fig, ax = _axes(ax, (5, 3))
+    freq = r.frequency.double().numpy()
+    floor = 1.0 / max(r.n_rows, 1)
+    ax.hist(np.log10(np.clip(freq, floor / 10, None)), bins=40, color="tab:blue")
+    ax.axvline(np.log10(floor / 10), color="grey", ls=":", label=f"dead ({r.dead_fraction:.1%})")
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize=8)
+    ax.set_title(f"{r.architecture} at {r.site}: L0 {r.l0:.1f}, EV {r.explained_variance:.3f}, "
+                 f"loss rec. {r.loss_recovered:.3f}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("sae_comparison")
+def sae_comparison(r, ax=None):
+    """Explained variance and loss recovered per architecture, at (about) the same L0."""
+    fig, ax = _axes(ax, (5, 3))
+    x = np.arange(len(r.architectures))
+    ax.bar(x - 0.2, r.explained_variance.numpy(), 0.4, label="explained variance")
+    if not np.isnan(r.loss_recovered.numpy()).all():
+        ax.bar(x + 0.2, r.loss_recovered.numpy(), 0.4, label="loss recovered")
+    labels = [f"{a}\nL0 {l0:.1f}" for a, l0 in zip(r.architectures, r.l0.tolist(), strict=True)]
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8)
+    ax.set_title(f"architectures at L0 ≈ {r.target_l0:g}")
+    fig.tight_layout()
+    return fig
+
+
+@plotter("sae_features")
+def sae_features(r, feature: int = 0, images=None):
+    """One feature's page: its top examples' patch maps (over `images[row]` where given), its
+    activation histogram, and the tokens its decoder direction promotes (LM sites)."""
+    i = r.features.tolist().index(feature) if feature in r.features.tolist() else feature
+    n = int((r.top_rows[i] >= 0).sum())
+    fig, axes = plt.subplots(1, max(n, 1) + 1, figsize=(2.2 * (max(n, 1) + 1), 2.6))
+    vmax = float(np.nanmax(r.patch_maps[i, :max(n, 1)].numpy())) if n else 1.0
+    for j in range(n):
+        image = images[int(r.top_rows[i, j])] if images is not None else None
+        heatmap_over_image(image, r.patch_maps[i, j].numpy(), ax=axes[j], vmin=0, vmax=vmax or 1.0,
+                           title=f"ex {int(r.top_examples[i, j])}: {float(r.top_values[i, j]):.2f}")
+    ax = axes[-1]
+    edges = r.hist_edges[i].numpy()
+    ax.bar(edges[:-1], r.hist_counts[i].numpy(), width=np.diff(edges), align="edge")
+    ax.set_xlabel("activation")
+    title = f"feature {int(r.features[i])}, freq {float(r.frequency[i]):.2%}"
+    if r.has_logit_effect:
+        title += "\n+" + " ".join(str(int(t)) for t in r.logit_top_ids[i, :5])
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("concept_f1")
+def concept_f1(r, ax=None):
+    """Best single-feature F1 per concept, with the goal line."""
+    fig, ax = _axes(ax, (max(4, 0.5 * len(r.concepts)), 3))
+    x = np.arange(len(r.concepts))
+    colours = ["tab:green" if f >= r.goal else "tab:red" for f in r.best_f1.tolist()]
+    ax.bar(x, r.best_f1.numpy(), color=colours)
+    ax.axhline(r.goal, color="grey", ls="--", lw=1)
+    ax.set_xticks(x, r.concepts, rotation=60, fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("best feature F1")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,341 @@
+"""Training SAEs: several at once (sites x architectures x sizes) from one pass over the data.
+
+`train_saes(source, specs, config, out_dir)` feeds every SAE the same batches of its site's rows
+from one source (sources.py: in-memory rows, an activation store, or the model itself — one
+forward serves all of them). Per SAE: activations scaled so E‖z‖ = √d_in (the scale is folded into
+the saved weights), b_dec started at the data mean, Adam with linear lr warm-up and a linear decay
+over the last `decay_fraction` of steps, the sparsity coefficient (ReLU's L1, JumpReLU's L0)
+warmed up linearly, decoder rows kept at unit norm, dead latents resampled for ReLU (TopK and
+BatchTopK use AuxK instead). A progress bar shows loss, L0 and the dead fraction.
+
+Checkpoints: `checkpoint-<step>.safetensors` (parameters, Adam moments and step counts, dead
+counters, scales, RNG state) committed by an atomic rewrite of `checkpoint.json` (step, data cursor,
+config, logs). All randomness is drawn from generators seeded by (seed, what, epoch, chunk), so a
+run killed at any moment and restarted with the same arguments ends with the same weights, bit for
+bit (on CPU), as one never interrupted. Never pickle: everything is safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from vlmscope.errors import InputError
+from vlmscope.methods.sae.base import SAE, LossContext, SAEConfig, StepOut, build_sae
+from vlmscope.methods.sae.io import save_sae
+from vlmscope.methods.sae.relu import resample_dead
+from vlmscope.methods.sae.sources import Source, generator
+from vlmscope.model.store import _atomic_write_bytes
+
+CHECKPOINT = "checkpoint.json"
+DEFAULT_SPARSITY = {"relu": 3.0, "jumprelu": 2.0}  # on activations scaled to E‖z‖ = √d_in
+
+
+@dataclass(frozen=True)
+class SAESpec:
+    """One SAE to train: its site, architecture and size; `sparsity` is ReLU's L1 coefficient α
+    or JumpReLU's L0 coefficient λ (None: DEFAULT_SPARSITY); TopK/BatchTopK use `k`."""
+
+    site: str
+    architecture: str = "topk"
+    d_sae: int | None = None  # None: expansion * d_in
+    expansion: int = 8
+    k: int = 32
+    sparsity: float | None = None
+    name: str | None = None
+
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        size = self.d_sae or f"x{self.expansion}"
+        knob = f"k{self.k}" if self.architecture in ("topk", "batchtopk") else f"s{self.coefficient():g}"
+        return f"{self.site}-{self.architecture}-{size}-{knob}"
+
+    def coefficient(self) -> float:
+        return self.sparsity if self.sparsity is not None else DEFAULT_SPARSITY.get(self.architecture, 0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 100  # linear lr warm-up
+    decay_fraction: float = 0.2  # linear lr decay to 0 over this last fraction of the steps
+    sparsity_warmup_steps: int = 200  # linear warm-up of the L1 / L0 coefficient
+    normalise: bool = True  # scale each site's rows so that E‖z‖ = √d_in
+    init_b_dec: str = "mean"  # "mean" of the first chunk, or "zeros"
+    dead_after_tokens: int = 100_000  # a latent silent for this many rows counts as dead
+    resample_every: int = 500  # ReLU: resample dead latents every this many steps (0: never; not in decay)
+    aux_k: int = 0  # TopK/BatchTopK AuxK latents (0: d_in // 2)
+    aux_coefficient: float = 1 / 32
+    jumprelu_bandwidth: float = 0.05
+    jumprelu_init_threshold: float = 0.5
+    seed: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 50
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    warm = min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+    start = int(cfg.steps * (1 - cfg.decay_fraction))
+    decay = (cfg.steps - step) / max(cfg.steps - start, 1) if step >= start else 1.0
+    return warm * decay
+
+
+@dataclass
+class _Run:
+    """Mutable training state: what a checkpoint holds."""
+
+    saes: list[SAE]
+    opts: list[torch.optim.Adam]
+    silent: list[torch.Tensor]  # (d_sae,) rows since each latent last fired
+    scales: dict[str, float]
+    rng: torch.Generator  # resampling
+    step: int = 0
+    cursor: tuple[int, int, int] = (0, 0, 0)  # epoch, chunk position, batch within the chunk
+    logs: list[list[dict]] | None = None
+
+
+def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | None = None,
+               out_dir: str | Path | None = None, progress: bool = True) -> dict[str, SAE]:
+    """Train every spec's SAE on its site's rows of `source`; returns {name: SAE} taking raw
+    activations. With `out_dir`, checkpoints go there (a rerun resumes) and each SAE is saved to
+    `out_dir/<name>/` in SAELens's layout, beside `training.json` (config and logs)."""
+    cfg = config or TrainConfig()
+    specs = list(specs)
+    names = [s.label() for s in specs]
+    if len(set(names)) != len(names):
+        raise InputError(f"SAE names must differ, got {names}; give SAESpec(name=...)")
+    for s in specs:
+        if s.site not in source.sites:
+            raise InputError(f"SAE {s.label()!r} reads {s.site!r}, which the source does not provide "
+                             f"(it has: {', '.join(source.sites)})")
+    if source.n_chunks() == 0:
+        raise InputError("the source holds no data")
+    out = Path(out_dir) if out_dir is not None else None
+    fingerprint = json.loads(json.dumps({"train": asdict(cfg), "specs": [asdict(s) for s in specs],
+                                         "source": source.describe()}))
+    run = _resume(out, fingerprint, specs, cfg) if out is not None else None
+    run = run or _start(source, specs, cfg)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="training SAEs", unit="step", disable=not progress)
+    n_chunks = source.n_chunks()
+    barren = 0  # consecutive chunks that gave no batch: a whole epoch of them means too little data
+    while run.step < cfg.steps:
+        epoch, pos, first = run.cursor
+        if pos >= n_chunks:
+            run.cursor = (epoch + 1, 0, 0)
+            continue
+        order = torch.randperm(n_chunks, generator=generator(cfg.seed, "chunks", epoch)).tolist()
+        rows = source.chunk(epoch, order[pos], cfg.seed)
+        perms = {s: torch.randperm(len(r), generator=generator(cfg.seed, "perm", s, epoch, order[pos]))
+                 for s, r in rows.items()}
+        n_batches = min(len(r) // cfg.batch_size for r in rows.values())
+        barren = barren + 1 if n_batches == 0 else 0
+        if barren > n_chunks:
+            raise InputError(f"no chunk of the source has {cfg.batch_size} rows for every site; lower "
+                             "batch_size or give more data")
+        run.cursor = (epoch, pos + 1, 0)
+        for b in range(first, n_batches):
+            for i, spec in enumerate(specs):
+                idx = perms[spec.site][b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                _step(run, i, spec, rows[spec.site][idx] * run.scales[spec.site], cfg)
+            run.step += 1
+            run.cursor = (epoch, pos, b + 1) if b + 1 < n_batches else (epoch, pos + 1, 0)
+            bar.update(1)
+            if run.step % cfg.log_every == 0 or run.step == cfg.steps:
+                bar.set_postfix_str(_postfix(run))
+            if out is not None and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
+                _save_checkpoint(out, run, fingerprint)
+            if run.step >= cfg.steps:
+                break
+    bar.close()
+    return _finish(run, specs, names, out, fingerprint)
+
+
+def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig) -> _Run:
+    order = torch.randperm(source.n_chunks(), generator=generator(cfg.seed, "chunks", 0)).tolist()
+    first = source.chunk(0, order[0], cfg.seed)  # the first chunk training reads: scales and b_dec
+    scales = {}
+    for site, rows in first.items():
+        scales[site] = float(math.sqrt(rows.shape[1]) / rows.norm(dim=1).mean()) if cfg.normalise else 1.0
+    saes, opts, silent = [], [], []
+    for i, spec in enumerate(specs):
+        d_in = first[spec.site].shape[1]
+        sc = SAEConfig(spec.architecture, d_in, spec.d_sae or spec.expansion * d_in, k=spec.k, site=spec.site)
+        sae = build_sae(sc)
+        sae.init_weights(generator(cfg.seed, "init", i, spec.label()))
+        sae.prepare_training(cfg)
+        if cfg.init_b_dec == "mean":
+            with torch.no_grad():
+                sae.b_dec.copy_((first[spec.site] * scales[spec.site]).mean(0))
+        elif cfg.init_b_dec != "zeros":
+            raise InputError(f"unknown init_b_dec {cfg.init_b_dec!r}; valid: 'mean', 'zeros'")
+        saes.append(sae.train())
+        opts.append(_adam(sae, cfg))
+        silent.append(torch.zeros(sc.d_sae, dtype=torch.long))
+    return _Run(saes, opts, silent, scales, generator(cfg.seed, "resample"), logs=[[] for _ in specs])
+
+
+def _adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
+    return torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
+
+
+def _step(run: _Run, i: int, spec: SAESpec, x: torch.Tensor, cfg: TrainConfig) -> None:
+    sae, opt = run.saes[i], run.opts[i]
+    warm = min(1.0, (run.step + 1) / max(cfg.sparsity_warmup_steps, 1))
+    dead = run.silent[i] >= cfg.dead_after_tokens
+    ctx = LossContext(sparsity=spec.coefficient() * warm, dead=dead, aux_k=cfg.aux_k,
+                      aux_coefficient=cfg.aux_coefficient, bandwidth=cfg.jumprelu_bandwidth)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * lr_factor(run.step, cfg)
+    out = sae.train_step(x, ctx)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    sae.remove_parallel_decoder_grad()
+    opt.step()
+    sae.normalise_decoder()
+    sae.after_step(out)
+    fired = (out.acts > 0).any(0)
+    run.silent[i] = torch.where(fired, 0, run.silent[i] + x.shape[0])
+    step = run.step + 1
+    decaying = step >= int(cfg.steps * (1 - cfg.decay_fraction))
+    if sae.resamples_dead and cfg.resample_every and step % cfg.resample_every == 0 and not decaying:
+        window = run.silent[i] >= cfg.resample_every * x.shape[0]
+        idx = resample_dead(sae, x, window, run.rng)
+        _reset_adam_rows(opt, sae, idx)
+        run.silent[i][idx] = 0
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        run.logs[i].append(_log_row(step, x, out, run.silent[i] >= cfg.dead_after_tokens))
+
+
+@torch.no_grad()
+def _log_row(step: int, x: torch.Tensor, out: StepOut, dead: torch.Tensor) -> dict:
+    ev = 1 - (x - out.recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return {"step": step, "loss": out.loss.item(), "mse": out.parts["mse"].item(),
+            "l0": (out.acts > 0).float().sum(-1).mean().item(), "explained_variance": ev.item(),
+            "dead_fraction": dead.float().mean().item()}
+
+
+@torch.no_grad()
+def _reset_adam_rows(opt: torch.optim.Adam, sae: SAE, idx: torch.Tensor) -> None:
+    if idx.numel() == 0:
+        return
+    for name, p in sae.named_parameters():
+        state = opt.state.get(p)
+        if not state:
+            continue
+        for key in ("exp_avg", "exp_avg_sq"):
+            if name == "W_enc":
+                state[key][:, idx] = 0
+            elif p.shape and p.shape[0] == sae.cfg.d_sae:
+                state[key][idx] = 0
+
+
+def _postfix(run: _Run) -> str:
+    last = [log[-1] for log in run.logs if log]
+    if not last:
+        return ""
+    loss = "/".join(f"{r['loss']:.3g}" for r in last)
+    l0 = "/".join(f"{r['l0']:.1f}" for r in last)
+    dead = "/".join(f"{r['dead_fraction']:.2f}" for r in last)
+    return f"loss {loss} L0 {l0} dead {dead}"
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _save_checkpoint(out: Path, run: _Run, fingerprint: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {"rng/resample": run.rng.get_state()}
+    for i, (sae, opt) in enumerate(zip(run.saes, run.opts, strict=True)):
+        for k, v in sae.state_dict().items():
+            tensors[f"sae{i}/{k}"] = v.detach().clone()
+        for j, p in enumerate(opt.param_groups[0]["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                tensors[f"adam{i}/{j}/{k}"] = v.detach().clone().reshape(v.shape)
+        tensors[f"silent{i}"] = run.silent[i].clone()
+    for site, s in run.scales.items():
+        tensors[f"scale/{site}"] = torch.tensor(s, dtype=torch.float64)
+    fname = f"checkpoint-{run.step:08d}.safetensors"
+    _atomic_write_bytes(out / fname, lambda p: save_file(tensors, p))
+    doc = {"kind": "sae_checkpoint", "format": 1, "step": run.step, "cursor": list(run.cursor), "file": fname,
+           "config": fingerprint, "logs": run.logs}
+    _atomic_write_bytes(out / CHECKPOINT, lambda p: Path(p).write_text(json.dumps(doc)))
+    for old in out.glob("checkpoint-*.safetensors"):
+        if old.name != fname:
+            old.unlink()
+
+
+def _resume(out: Path, fingerprint: dict, specs: list[SAESpec], cfg: TrainConfig) -> _Run | None:
+    for stale in out.glob("*.tmp"):
+        stale.unlink()
+    if not (out / CHECKPOINT).exists():
+        return None
+    doc = json.loads((out / CHECKPOINT).read_text())
+    if doc.get("config") != fingerprint:
+        raise InputError(f"{out} holds a training run with other settings; use another folder or the same "
+                         f"settings to resume.\n  theirs: {doc.get('config')}\n  yours:  {fingerprint}")
+    t = load_file(str(out / doc["file"]))
+    for extra in out.glob("checkpoint-*.safetensors"):
+        if extra.name != doc["file"]:
+            extra.unlink()
+    run = _restore(t, specs, cfg)
+    run.step, run.cursor, run.logs = doc["step"], tuple(doc["cursor"]), doc["logs"]
+    return run
+
+
+def _restore(t: dict[str, torch.Tensor], specs: list[SAESpec], cfg: TrainConfig) -> _Run:
+    """SAEs, Adam states, dead counters, scales and RNG from a checkpoint's tensors."""
+    saes, opts, silent = [], [], []
+    for i, spec in enumerate(specs):
+        d_sae, d_in = t[f"sae{i}/W_dec"].shape
+        sae = build_sae(SAEConfig(spec.architecture, d_in, d_sae, k=spec.k, site=spec.site))
+        sae.load_state_dict({k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(f"sae{i}/")})
+        opt = _adam(sae, cfg)
+        state = {}
+        for j, _ in enumerate(opt.param_groups[0]["params"]):
+            keys = {k.rsplit("/", 1)[1]: v for k, v in t.items() if k.startswith(f"adam{i}/{j}/")}
+            if keys:
+                state[j] = keys
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        saes.append(sae.train())
+        opts.append(opt)
+        silent.append(t[f"silent{i}"].clone())
+    scales = {k.split("/", 1)[1]: float(v) for k, v in t.items() if k.startswith("scale/")}
+    rng = torch.Generator()
+    rng.set_state(t["rng/resample"])
+    return _Run(saes, opts, silent, scales, rng)
+
+
+def _finish(run: _Run, specs: list[SAESpec], names: list[str], out: Path | None,
+            fingerprint: dict) -> dict[str, SAE]:
+    """The trained SAEs with the input scale folded in (saved under `out` when given)."""
+    result = {}
+    for name, spec, sae in zip(names, specs, run.saes, strict=True):
+        final = copy.deepcopy(sae).eval()
+        final.fold_input_scale(run.scales[spec.site])
+        src = fingerprint["source"]
+        final.cfg = replace(final.cfg, positions=_positions(src), model=src.get("name", ""))
+        result[name] = final.requires_grad_(False)
+        if out is not None:
+            save_sae(final, out / name)
+    if out is not None:
+        doc = {"kind": "sae_training", "format": 1, "names": names, "config": fingerprint, "logs": run.logs,
+               "scales": run.scales}
+        _atomic_write_bytes(out / "training.json", lambda p: Path(p).write_text(json.dumps(doc, indent=1)))
+    return result
+
+
+def _positions(source: dict) -> str:
+    pos = source.get("positions", "'all'")
+    return pos.strip("'\"") if isinstance(pos, str) else str(pos)

@@ -1,0 +1,46 @@
+"""`vlmscope sae train | eval` on the tiny LLaVA: trains, resumes (a rerun is a no-op), evaluates."""
+
+import argparse
+import json
+
+from vlmscope.methods import sae as S
+from vlmscope.methods.sae import cli
+
+
+def _main(argv):
+    p = argparse.ArgumentParser()
+    cli.add_parser(p.add_subparsers(dest="command", required=True))
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+def test_train_then_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["sae", "train", "--model", "tiny-llava", "--site", "connector.out", "--arch", "topk",
+            "--arch", "relu", "--k", "4", "--expansion", "2", "--examples", "32", "--steps", "12",
+            "--batch-size", "32", "--chunk-examples", "16", "--checkpoint-every", "5", "--out", str(out),
+            "--quiet"]
+    assert _main(argv) == 0
+    names = sorted(p.parent.name for p in out.glob("*/cfg.json"))
+    assert names == ["connector.out-relu-x2-s3", "connector.out-topk-x2-k4"]
+    sae = S.load_sae(out / "connector.out-topk-x2-k4")
+    assert (sae.cfg.site, sae.cfg.positions, sae.cfg.model) == ("connector.out", "image", "tiny-llava")
+    before = (out / "connector.out-topk-x2-k4" / "sae_weights.safetensors").read_bytes()
+    assert _main(argv) == 0  # finished runs resume at their last step: the same files again
+    assert (out / "connector.out-topk-x2-k4" / "sae_weights.safetensors").read_bytes() == before
+    capsys.readouterr()
+    assert _main(["sae", "eval", str(out), "--examples", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["sae"] for r in rows] == names
+    for r in rows:
+        assert r["n_rows"] == 8 * 4 and 0 < r["l0"] and r["explained_variance"] < 1
+        assert r["ce_clean"] > 0 and r["ce_zero"] > 0
+    assert (out / "connector.out-topk-x2-k4" / "eval" / "result.json").exists()
+
+
+def test_zoo_data_carries_answers():
+    dataset, collate, with_answers = cli._data("shapes-llava", None, None, 4, seed=0)
+    inputs, answers = with_answers(dataset[:3])
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+    assert answers.shape == (3,) and inputs["input_ids"].shape[0] == 3
+    assert collate(dataset[:2])["pixel_values"].shape[0] == 2
