@@ -89,10 +89,27 @@ def _stage_patching(vlm, out: Path, seed: int) -> dict:
     return {**scores, **kscores}
 
 
+def _stage_sae(vlm, out: Path, seed: int) -> dict:
+    import matplotlib.pyplot as plt
+
+    folder = out / "sae"
+    sae, colour_f1, shape_f1, scores = grounded.sae_concepts(vlm, seed=seed, out_dir=folder / "training")
+    colour_f1.save(folder / "colour-f1")
+    shape_f1.save(folder / "shape-f1")
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    colour_f1.plot(ax=axes[0])
+    shape_f1.plot(ax=axes[1])
+    fig.tight_layout()
+    fig.savefig(folder / "figure-concept-f1.png", dpi=110)
+    _write_scores(folder, scores)
+    return scores
+
+
 STAGES: dict[str, tuple[str, Callable]] = {
     "probing": ("Probing", _stage_probing),
     "lens": ("Logit lens", _stage_lens),
     "patching": ("Activation patching", _stage_patching),
+    "sae": ("Sparse autoencoders", _stage_sae),
 }
 
 

@@ -164,3 +164,41 @@ def _answer_logit(answers: torch.Tensor):
 
     answer_logit.name = "answer_logit"  # type: ignore[attr-defined]
     return answer_logit
+
+
+def sae_concepts(vlm, site: str = "connector.out", n: int = 1500, seed: int = 0, architecture: str = "topk",
+                 k: int = 4, d_sae: int = 256, steps: int = 800, out_dir=None):
+    """Train an SAE on `site` at image patches of zoo scenes, then ask: for each colour and shape,
+    does one feature fire exactly on the patches of objects with that concept? Background
+    patches count as negatives. Returns (sae, colour F1, shape F1, scores)."""
+    from vlmscope.methods.sae import SAESpec, TensorSource, TrainConfig, concept_f1, train_saes
+
+    exs = truth.examples(seed, n)
+    rows, colours, shapes = [], [], []
+    for b in range(0, n, 100):
+        chunk = exs[b:b + 100]
+        x = truth.inputs_for(vlm, chunk)
+        stream = vlm.site(site).stream
+        scenes = [e.scene for e in chunk]
+        col = truth.patch_labels(vlm, x, scenes, "colour", stream=stream, background=len(COLOURS))
+        shp = truth.patch_labels(vlm, x, scenes, "shape", stream=stream, background=len(SHAPES))
+        _, cache = vlm.run_with_cache(x, site)
+        keep = col >= 0
+        rows.append(cache[site][keep].float())
+        colours.append(col[keep])
+        shapes.append(shp[keep])
+    acts, colours, shapes = torch.cat(rows), torch.cat(colours), torch.cat(shapes)
+    split = int(0.8 * len(acts))
+    spec = SAESpec(site, architecture, d_sae=d_sae, k=k, name=f"{site}-{architecture}")
+    cfg = TrainConfig(steps=steps, batch_size=512, lr=3e-3, warmup_steps=50, seed=seed, checkpoint_every=10_000)
+    sae = train_saes(TensorSource({site: acts[:split]}), [spec], cfg, out_dir=out_dir, progress=False)[spec.label()]
+    with torch.no_grad():
+        h = sae.encode(acts[split:])
+    colour_f1 = concept_f1(colours[split:], h, {c: i for i, c in enumerate(COLOURS)})
+    shape_f1 = concept_f1(shapes[split:], h, {s: i for i, s in enumerate(SHAPES)})
+    scores = {"score": float(colour_f1.best_f1.mean()),
+              "mean best-feature F1, colours": float(colour_f1.best_f1.mean()),
+              "mean best-feature F1, shapes": float(shape_f1.best_f1.mean()),
+              "colours with F1 >= 0.8": int((colour_f1.best_f1 >= 0.8).sum()),
+              "shapes with F1 >= 0.8": int((shape_f1.best_f1 >= 0.8).sum())}
+    return sae, colour_f1, shape_f1, scores

@@ -267,9 +267,12 @@ class _SuffixRunner:
         # blocks can be skipped only if they return the residual itself (not a tuple)
         skip = isinstance(cache["lm.blocks.0.resid_post"], torch.Tensor) and n > 1
         runner = cls(vlm, base, cache, kv, last, n, skip)
-        if skip and not torch.allclose(runner._logits(p, 1, [], n - 1), full, atol=1e-4, rtol=1e-4):
-            runner.skip_layers = False
-        if not torch.allclose(runner._logits(p, 1, [], 0), full, atol=1e-4, rtol=1e-4):
+        try:  # a model whose positions do not follow the cache (e.g. multimodal RoPE) fails here
+            if skip and not torch.allclose(runner._logits(p, 1, [], n - 1), full, atol=1e-4, rtol=1e-4):
+                runner.skip_layers = False
+            if not torch.allclose(runner._logits(p, 1, [], 0), full, atol=1e-4, rtol=1e-4):
+                return None
+        except (TypeError, ValueError, RuntimeError, IndexError, KeyError):
             return None
         return runner
 

@@ -10,6 +10,11 @@ modules through a wrapper and restores the table on exit:
 - pattern writes: the head outputs are recomputed as pattern @ values.
 - knockout: the mask handed to the implementation blocks the chosen (query, key) edges, so it
   works with sdpa and eager alike.
+- block-diagonal attention (a module that calls the attention function once per block of its
+  input: packed images, attention windows): each call covers the next span of the module's
+  sequence; knockout edges are cut to that span, and the pattern is read as the whole
+  block-diagonal (batch, heads, seq, seq) matrix once the last block ran. Writing such a pattern
+  is refused (the earlier blocks' outputs are already computed).
 """
 
 from __future__ import annotations
@@ -33,6 +38,40 @@ class AttnEdit:
 
     pattern_fns: list[PatternFn] = field(default_factory=list)
     knock: torch.Tensor | None = None  # (batch, query, key) bool: edges to block
+    seq: int | None = None  # length of the module's input sequence in the current call
+    offset: int = 0  # where the next attention call starts within it (block-diagonal attention)
+    blocks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (start, pattern) read so far
+
+    def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the attention module: a new sequence starts."""
+        t = args[0] if args else kwargs.get("hidden_states")
+        self.seq = t.shape[-2] if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+        self.offset, self.blocks = 0, []
+
+    def span(self, length: int) -> tuple[int, int] | None:
+        """The (start, stop) of this attention call within the module's sequence, or None when the
+        call covers all of it."""
+        if self.seq is None or (self.offset == 0 and length == self.seq):
+            return None
+        start, self.offset = self.offset, self.offset + length
+        return start, self.offset
+
+    def read_block(self, module: nn.Module, weights: torch.Tensor, start: int) -> None:
+        """Collect one block's pattern; after the last, show the block-diagonal whole to the fns."""
+        self.blocks.append((start, weights))
+        if self.offset < self.seq:
+            return
+        b, h = weights.shape[:2]
+        full = weights.new_zeros(b, h, self.seq, self.seq)  # (batch, heads, seq, seq)
+        for s0, w in self.blocks:
+            full[:, :, s0:s0 + w.shape[-2], s0:s0 + w.shape[-1]] = w
+        for fn in self.pattern_fns:
+            if fn(full) is not None:
+                raise InterventionError(
+                    f"{type(module).__name__} attends in {len(self.blocks)} separate blocks (packed images "
+                    "or attention windows), so its attn.pattern can be read and knocked out but not "
+                    "written (nor differentiated with grad_metric)"
+                )
 
 
 def _module_file(module: nn.Module):
@@ -94,8 +133,10 @@ def _wrapper(impl: str, original: Callable | None, edits: dict[int, AttnEdit]) -
         if edit is None:
             return fallback(module, query, key, value, attention_mask, *args, **kwargs)
         causal = _causal(module, kwargs)
+        span = edit.span(query.shape[-2])
         if edit.knock is not None:
-            attention_mask = knocked_mask(attention_mask, edit.knock, query, key, causal, as_float=eager)
+            knock = edit.knock if span is None else edit.knock[:, span[0]:span[1], span[0]:span[1]]
+            attention_mask = knocked_mask(attention_mask, knock, query, key, causal, as_float=eager)
         if not edit.pattern_fns:
             return fallback(module, query, key, value, attention_mask, *args, **kwargs)
         out, weights = fallback(module, query, key, value, attention_mask, *args, **kwargs)
@@ -105,6 +146,9 @@ def _wrapper(impl: str, original: Callable | None, edits: dict[int, AttnEdit]) -
             eager_fn = _module_file(module).eager_attention_forward
             _, weights = eager_fn(module, query, key, value, float_mask(attention_mask, query, key, causal),
                                   *args, **side)
+        if span is not None:
+            edit.read_block(module, weights, span[0])
+            return out, weights
         new = weights
         for fn in edit.pattern_fns:
             r = fn(new)
@@ -137,6 +181,7 @@ def override(modules: dict[nn.Module, AttnEdit]) -> Iterator[None]:
     edits = {id(m): e for m, e in modules.items()}
     saved: list[tuple[object, str, object]] = []
     missing = object()
+    handles = [m.register_forward_pre_hook(e.begin, with_kwargs=True) for m, e in modules.items()]
     try:
         for table, impls in tables.values():
             local = table._local_mapping  # type: ignore[attr-defined]
@@ -146,6 +191,8 @@ def override(modules: dict[nn.Module, AttnEdit]) -> Iterator[None]:
                 local[impl] = _wrapper(impl, original, edits)
         yield
     finally:
+        for h in handles:
+            h.remove()
         for table, impl, old in reversed(saved):
             local = table._local_mapping  # type: ignore[attr-defined]
             if old is missing:

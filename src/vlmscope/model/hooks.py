@@ -37,6 +37,61 @@ def _split_heads(fn: SiteFn, n_heads: int) -> SiteFn:
     return split
 
 
+def _packed(fn: SiteFn) -> SiteFn:
+    """Show `fn` a packed (pos, ...) tensor, which has no batch axis, as (1, pos, ...)."""
+
+    def packed(t: torch.Tensor, *, site: str):
+        r = fn(t.unsqueeze(0), site=site)
+        return None if r is None else r.squeeze(0)
+
+    return packed
+
+
+class _BlockShape:
+    """The (batch, pos) of a block's input, read when the block starts, for its flat sites."""
+
+    def __init__(self):
+        self.shape: torch.Size | None = None
+
+    def pre(self, module, args, kwargs):
+        t = args[0] if args else kwargs["hidden_states"]
+        self.shape = t.shape[:-1]
+
+
+def _flat(fn: SiteFn, block: _BlockShape) -> SiteFn:
+    """Show `fn` a (batch * pos, ...) tensor as (batch, pos, ...)."""
+
+    def flat(t: torch.Tensor, *, site: str):
+        r = fn(t.view(*block.shape, *t.shape[1:]), site=site)
+        return None if r is None else r.reshape(t.shape)
+
+    return flat
+
+
+def _bind(fn: SiteFn, spec: SiteSpec, shapes: dict[str, _BlockShape]) -> SiteFn:
+    """`fn` seeing the site as (batch, pos, [head,] d) whatever shape the module holds it in."""
+    if spec.heads:
+        fn = _split_heads(fn, spec.heads)
+    if spec.packed:
+        fn = _packed(fn)
+    if spec.flat:
+        fn = _flat(fn, shapes.setdefault(spec.block, _BlockShape()))
+    return fn
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module:
+    """`model.get_submodule(path)` through the `_modules` dicts: the same module, without the
+    hasattr/getattr round trips through `nn.Module.__getattr__` that make get_submodule cost more
+    than a small model's hooks. Anything unusual falls back to get_submodule."""
+    mod = model
+    for name in path.split(".") if path else ():
+        nxt = mod._modules.get(name)
+        if nxt is None:
+            return model.get_submodule(path)
+        mod = nxt
+    return mod
+
+
 def _first(out):
     return out if isinstance(out, torch.Tensor) else out[0]
 
@@ -96,7 +151,8 @@ class _ResidMid:
     def post(self, module, args, out):
         if self.delta is None:
             return None
-        new = _first(out) + self.delta
+        first = _first(out)
+        new = first + self.delta.view_as(first)  # the MLP may see the residual flattened
         self.delta = None
         return _replace_first(out, new)
 
@@ -112,23 +168,28 @@ def install(
     path) for the duration of the context. Hooks are removed even when the forward raises."""
     groups: dict[tuple[str, str, str | None], list[tuple[str, SiteFn]]] = {}
     attn_edits: dict[str, attention.AttnEdit] = {}
+    shapes: dict[str, _BlockShape] = {}
     for site, site_fns in fns.items():
         if not site_fns:
             continue
         spec = specs[site]
-        bound = [(site, _split_heads(f, spec.heads) if spec.heads else f) for f in site_fns]
         if spec.hook == "pattern":
             attn_edits.setdefault(spec.module, attention.AttnEdit()).pattern_fns.extend(
                 partial(f, site=site) for f in site_fns
             )
         else:
-            groups.setdefault((spec.module, spec.hook, spec.arg or spec.block), []).extend(bound)
+            bound = [(site, _bind(f, spec, shapes)) for f in site_fns]
+            arg = spec.block if spec.hook == "resid_mid" else spec.arg
+            groups.setdefault((spec.module, spec.hook, arg), []).extend(bound)
     for module_path, edges in (knock or {}).items():
         attn_edits.setdefault(module_path, attention.AttnEdit()).knock = edges
 
     with ExitStack() as stack:
+        for path, block in shapes.items():
+            h = _submodule(model, path).register_forward_pre_hook(block.pre, with_kwargs=True)
+            stack.callback(h.remove)
         for (path, hook, arg), group in groups.items():
-            mod = model.get_submodule(path)
+            mod = _submodule(model, path)
             if hook == "output":
                 h = mod.register_forward_hook(partial(_on_output, group))
             elif hook == "input":
@@ -138,9 +199,9 @@ def install(
             elif hook == "resid_mid":
                 rm = _ResidMid(group)
                 h = mod.register_forward_pre_hook(rm.pre, with_kwargs=True)
-                stack.callback(model.get_submodule(arg).register_forward_hook(rm.post).remove)
+                stack.callback(_submodule(model, arg).register_forward_hook(rm.post).remove)
             else:  # pragma: no cover - specs are validated when tables are built
                 raise ValueError(f"unknown hook kind {hook!r}")
             stack.callback(h.remove)
-        stack.enter_context(attention.override({model.get_submodule(p): e for p, e in attn_edits.items()}))
+        stack.enter_context(attention.override({_submodule(model, p): e for p, e in attn_edits.items()}))
         yield

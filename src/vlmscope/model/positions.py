@@ -43,7 +43,10 @@ class Positions:
 
     `image` is the image's index within its example, `row`/`col` the patch's place in its
     image's (or tile's) grid, `tile` the tile index; -1 where it does not apply. `example`
-    maps each row to the example it belongs to (vision streams hold one row per image).
+    maps each row to the example it belongs to (vision streams hold one row per image); a packed
+    stream (one row holding the tokens of every image, as Qwen2-VL's vision tower sees them) has
+    `example` -1 and says whose each position is in `extra["example"]`. Families add their own
+    facts in `extra` (see docs/adapters.md), e.g. "orig_row"/"orig_col", "tile_row"/"tile_col".
     """
 
     stream: str
@@ -63,6 +66,12 @@ class Positions:
     def __repr__(self) -> str:
         counts = {r: int((self.role == i).sum()) for i, r in enumerate(ROLES)}
         return f"Positions(stream={self.stream!r}, shape={self.shape}, roles={counts}, grid={self.grid})"
+
+    def example_of(self, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The example each (row, position) pair belongs to."""
+        if "example" in self.extra:
+            return self.extra["example"][rows, pos]
+        return self.example[rows]
 
     def roles(self, b: int = 0) -> list[str]:
         """Role names of row `b`, one per position."""

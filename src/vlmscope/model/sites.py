@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vlmscope.errors import SiteError, nearest
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vlmscope.model.positions import Positions
 
 # How a site's value is read from (and written back into) the module it lives on.
 #   output:       the module's output (first element when it returns a tuple)
@@ -34,8 +40,15 @@ class SiteSpec:
     arg: str | None = None  # input kwarg name / model-output attribute
     layer: int | None = None
     heads: int | None = None  # split the last dim into (heads, d_head) for attn.z
-    block: str | None = None  # the enclosing block, for resid_mid writes
+    block: str | None = None  # the enclosing block, for resid_mid writes and flat sites
     pooled: bool = False  # one vector per row, no position axis (a pooled embedding)
+    # How the module holds the tensor, when not as (batch, pos, ...); hooks show (batch, pos, ...):
+    #   packed: no batch axis, every row's tokens packed into one sequence (shown with batch 1)
+    #   flat:   batch and pos merged into one axis (unflattened with the enclosing block's input shape)
+    packed: bool = False
+    flat: bool = False
+    width: str | None = None  # "param.path:dim": the parameter dimension that sizes the last axis
+    key_stream: str | None = None  # attn.pattern of a cross-attention: the stream its keys index
 
     @property
     def part(self) -> str:
@@ -97,3 +110,27 @@ def filter_names(names: Iterable[str], pattern: str | None) -> list[str]:
     if pattern is None:
         return list(names)
     return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def site_shape(spec: SiteSpec, positions: Mapping[str, Positions],
+               model: nn.Module) -> tuple[int, ...] | None:
+    """The shape `spec` takes in a run whose token streams have these positions, by arithmetic on
+    the positions and the model's parameter shapes (no forward: a model on the meta device works).
+    None when the run lacks the site's stream (e.g. a dual encoder given only images)."""
+    if spec.hook == "model_output":
+        if "vision" not in positions or "text" not in positions:
+            return None
+        return positions["vision"].shape[0], positions["text"].shape[0]
+    keys = spec.key_stream or spec.stream
+    if spec.stream not in positions or keys not in positions:
+        return None
+    rows, length = positions[spec.stream].shape
+    if spec.hook == "pattern":
+        return rows, spec.heads, length, positions[keys].shape[1]
+    path, dim = spec.width.rsplit(":", 1)
+    width = model.get_parameter(path).shape[int(dim)]
+    if spec.pooled:
+        return rows, width
+    if spec.heads:
+        return rows, length, spec.heads, width // spec.heads
+    return rows, length, width

@@ -100,7 +100,7 @@ def cache_dataset(vlm, dataset: Sequence[Any], sites, out_dir: str | Path, batch
                 seq = t.transpose(1, 2) if spec.hook == "pattern" else t  # (batch, pos, ...)
                 p = pos[spec.stream]
                 rows, p_idx = p.select(positions).nonzero(as_tuple=True)
-                ex = p.example[rows]
+                ex = p.example_of(rows, p_idx)
                 flat = seq[rows, p_idx]
             if dtype is not None and flat.is_floating_point():
                 flat = flat.to(dtype)

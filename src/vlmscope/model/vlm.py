@@ -19,7 +19,7 @@ from vlmscope.model.adapters import Adapter, adapter_for
 from vlmscope.model.cache import Cache
 from vlmscope.model.interventions import Intervention, compile_interventions
 from vlmscope.model.positions import Positions, PositionSpec
-from vlmscope.model.sites import SiteSpec, filter_names, resolve
+from vlmscope.model.sites import SiteSpec, filter_names, resolve, site_shape
 
 
 class _Run:
@@ -30,7 +30,7 @@ class _Run:
         self._positions: dict[str, Positions] | None = None
 
     def resolve(self, sites):
-        return resolve(sites, self.vlm.site_table)
+        return self.vlm._resolve(sites)
 
     def spec(self, site: str) -> SiteSpec:
         return self.vlm.site(site)
@@ -74,6 +74,21 @@ class VLM:
     def sites(self, pattern: str | None = None) -> list[str]:
         """Site names in forward order, optionally filtered by a glob ("lm.blocks.*.resid_post")."""
         return filter_names(self.site_table, pattern)
+
+    def _resolve(self, sites: str | Sequence[str] | None) -> list[str]:
+        """`resolve(sites, self.site_table)`, remembered per request: matching a glob against every
+        site name costs more than the hooks of a small model's run (fnmatch over the whole table)."""
+        key = sites if sites is None or isinstance(sites, str) else tuple(sites)
+        memo = self.__dict__.get("_resolved")
+        if memo is None or memo[0] is not self.site_table:  # the table was replaced: start over
+            memo = self._resolved = (self.site_table, {})
+        try:
+            hit = memo[1].get(key)
+        except TypeError:  # an unhashable item: resolve() names the problem
+            return resolve(key, self.site_table)
+        if hit is None:
+            hit = memo[1][key] = tuple(resolve(key, self.site_table))
+        return list(hit)
 
     def site(self, name: str) -> SiteSpec:
         if name not in self.site_table:
@@ -136,13 +151,23 @@ class VLM:
         tok = getattr(self.processor, "tokenizer", self.processor)
         ids = set(getattr(tok, "all_special_ids", ()) or ())
         cfg = self.model.config
-        for c in (cfg, getattr(cfg, "text_config", None)):
+        for c in (getattr(cfg, "text_config", None) or cfg,):  # a VLM's own config may only alias these
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 v = getattr(c, key, None) if c is not None else None
                 ids.update(v if isinstance(v, list) else [v] if isinstance(v, int) else [])
         for key in ("image_token_id", "image_token_index"):
             ids.discard(getattr(cfg, key, None))
         return frozenset(ids)
+
+    def site_shapes(self, inputs: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The shape of every site in a run on these inputs, in forward order, without running it:
+        arithmetic on the typed positions and the parameters' shapes, so a full-size model built on
+        the meta device (`with torch.device("meta")`) is described without allocating its memory.
+        Pixel tensors may be on the meta device too; positions read only their shapes. Sites whose
+        token stream the inputs lack (a dual encoder given only images) are left out."""
+        pos = self.positions(inputs)
+        shapes = {name: site_shape(spec, pos, self.model) for name, spec in self.site_table.items()}
+        return {name: shape for name, shape in shapes.items() if shape is not None}
 
     def select(self, inputs: Mapping[str, Any], spec: PositionSpec, stream: str = "lm") -> torch.Tensor:
         """Boolean (batch, pos) mask of the positions `spec` selects in a stream."""
@@ -153,7 +178,8 @@ class VLM:
             raise InputError(f"inputs must be a mapping of model inputs (e.g. from VLM.prepare), got "
                              f"{type(inputs).__name__}")
         dev = self.device
-        out = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        out = {k: v.to(dev) if isinstance(v, torch.Tensor) and v.device != dev else v
+               for k, v in inputs.items()}
         self.adapter.check(self.model, out)
         return out
 
@@ -187,7 +213,7 @@ class VLM:
         """
         inputs = self._inputs(inputs)
         run = _Run(self, inputs)
-        names = resolve(sites, self.site_table)
+        names = self._resolve(sites)
         fns, knock = compile_interventions(interventions, run)
         acts: dict[str, torch.Tensor] = {}
         kept: dict[str, torch.Tensor] = {}

@@ -47,6 +47,8 @@ CAPTIONS = {
     "figure-patch-words.png": "The logit lens's top word at each image patch, drawn over the image.",
     "figure-sweep.png": "Effect of patching each (layer, image patch); clean = 1, corrupt = 0.",
     "figure-windows.png": "Change in the answer's logit when image→last attention is blocked in a layer window.",
+    "figure-concept-f1.png": "For each colour and shape, the F1 of the single SAE feature that best detects "
+                             "patches of objects with it.",
 }
 
 
@@ -141,6 +143,13 @@ def _reading(key: str, root: Path) -> str:
                 f"{ko.get('accuracy, image->last blocked in all layers', float('nan')):.0%} with every layer blocked, "
                 f"and per single layer {wtext} — the layers whose blocking hurts are where the image flows into "
                 "the answer.")
+    if key == "sae":
+        sc = _scores(root, "sae")
+        return (f"A TopK sparse autoencoder trained on the connector's outputs at image patches. For each colour, the "
+                f"best single feature detects the patches of objects of that colour with mean F1 "
+                f"{sc.get('mean best-feature F1, colours', float('nan')):.2f} ({sc.get('colours with F1 >= 0.8', 0)} of 6 "
+                f"colours at F1 ≥ 0.8); for shapes the mean is {sc.get('mean best-feature F1, shapes', float('nan')):.2f} "
+                f"({sc.get('shapes with F1 >= 0.8', 0)} of 5). Concepts with low F1 are not captured by any one feature.")
     return ""
 
 

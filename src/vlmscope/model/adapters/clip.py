@@ -6,21 +6,26 @@ from __future__ import annotations
 import torch
 
 from vlmscope.errors import InputError
-from vlmscope.model.adapters.base import Adapter, Extra, Tower
+from vlmscope.model.adapters.base import Adapter, Extra
 from vlmscope.model.adapters.common import as_positions, text_stream
+from vlmscope.model.adapters.towers import encoder, encoder_tower
 from vlmscope.model.positions import patch_grid_stream
 
 
 def positions(model, inputs, special_ids):
+    """A dual encoder's streams (CLIP, SigLIP): "text" (bos / eos / pad ids typed special) and
+    "vision" (one row per image: CLS if the tower has one, then the patches)."""
     vc = model.config.vision_config
     g = vc.image_size // vc.patch_size
     out = {}
     if "input_ids" in inputs:
         tc = model.config.text_config
-        specials = special_ids | {i for i in (tc.bos_token_id, tc.eos_token_id, tc.pad_token_id) if i is not None}
+        ids = (tc.bos_token_id, tc.eos_token_id, tc.pad_token_id)
+        specials = special_ids | {i for i in ids if i is not None}
         out["text"] = as_positions(text_stream("text", inputs, frozenset(specials)), None)
     if inputs.get("pixel_values") is not None:
-        out["vision"] = patch_grid_stream("vision", inputs["pixel_values"].shape[0], g, g, cls=True)
+        cls = encoder(model, "vision_model").cls
+        out["vision"] = patch_grid_stream("vision", inputs["pixel_values"].shape[0], g, g, cls=cls)
     return out
 
 
@@ -33,23 +38,26 @@ def check(model, inputs) -> None:
     missing = (~(ids == eos).any(dim=1)).nonzero().flatten().tolist()
     if missing:
         raise InputError(
-            f"text row(s) {missing} contain no EOS token (id {eos}); CLIP pools the text at the EOS token and "
-            "would silently pool position 0. Tokenize with the model's processor, or append the EOS id."
+            f"text row(s) {missing} contain no EOS token (id {eos}); CLIP pools the text at the EOS token "
+            "and would silently pool position 0. Tokenize with the model's processor, or append the EOS id."
         )
+
+
+def towers(model):
+    return encoder_tower(model, "vision_model"), encoder_tower(model, "text_model", "text")
 
 
 ADAPTER = Adapter(
     name="clip",
     classes=("CLIPModel",),
-    towers=(
-        Tower("vision", "vision_model.encoder.layers", "vision", embed=("vision_model.embeddings", "output", None)),
-        Tower("text", "text_model.encoder.layers", "text", embed=("text_model.embeddings", "output", None),
-              norm="text_model.final_layer_norm"),
-    ),
+    towers=towers,
     extras=(
-        Extra("vision.norm", "vision_model.post_layernorm", "output", "vision", pooled=True),
-        Extra("vision.proj", "visual_projection", "output", "vision", pooled=True),
-        Extra("text.proj", "text_projection", "output", "text", pooled=True),
+        Extra("vision.norm", "vision_model.post_layernorm", "output", "vision", pooled=True,
+              width="vision_model.post_layernorm.weight:0"),
+        Extra("vision.proj", "visual_projection", "output", "vision", pooled=True,
+              width="visual_projection.weight:0"),
+        Extra("text.proj", "text_projection", "output", "text", pooled=True,
+              width="text_projection.weight:0"),
         Extra("logits", "", "model_output", "vision", arg="logits_per_image"),
     ),
     positions=positions,
