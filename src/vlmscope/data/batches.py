@@ -14,8 +14,9 @@ from vlmscope.data.scene import sample_scene
 from vlmscope.data.tokenizer import N_IMAGE_TOKENS, Encoded, encode, pixel_values, vocabulary
 from vlmscope.data.vocab import COLOURS, FAMILIES, GRID, SHAPES, SIZES
 
+# classes per per-patch head; for the attributes, class 0 = no object in the patch
 PATCH_HEADS: dict[str, int] = {"colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES), "size": 1 + len(SIZES),
-                               "row": GRID, "col": GRID}  # fmt: skip  # classes per head; 0 = no object
+                               "row": GRID, "col": GRID}
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def family_weights(accuracy: dict[str, float] | None) -> dict[str, float]:
 
 
 def qa_batch(rng: np.random.Generator, batch_size: int, weights: dict[str, float] | None = None,
-             hard_fraction: float = 0.75, vocab: dict[str, int] | None = None) -> QABatch:  # fmt: skip
+             hard_fraction: float = 0.75, vocab: dict[str, int] | None = None) -> QABatch:
     """Questions drawn by family weight; a `hard_fraction` share from the binding curriculum."""
     vocab = vocab or vocabulary()
     w = weights or family_weights(None)

@@ -53,7 +53,7 @@ def sip_pair(example: Example, rng: np.random.Generator) -> CounterfactualPair |
     None when no single change does (e.g. "where" questions, whose referent would vanish)."""
     scene, q = example.scene, example.question
     options = [(i, attr, v) for i, o in enumerate(scene.objects) for attr in ("colour", "shape")
-               for v in _VALUES[attr] if v != getattr(o, attr)]  # fmt: skip
+               for v in _VALUES[attr] if v != getattr(o, attr)]
     for k in rng.permutation(len(options)):
         i, attr, value = options[int(k)]
         changed = scene.with_object(i, **{attr: value})
@@ -73,7 +73,8 @@ def str_pair(example: Example, rng: np.random.Generator) -> CounterfactualPair |
         j, value = options[int(k)]
         slots = q.slots[:j] + (value,) + q.slots[j + 1 :]
         new_q = answer_of(example.scene, q.family, slots)
-        same_length = new_q is not None and len(new_q.text.split()) == len(q.text.split())  # "left of" -> "above": no
+        # "left of" -> "above" would change the length: not a symmetric replacement
+        same_length = new_q is not None and len(new_q.text.split()) == len(q.text.split())
         if same_length and new_q.answer != q.answer:
             word = _word_index(q.text, new_q.text)
             return CounterfactualPair("str", example, Example(example.scene, new_q), changed_word=word)

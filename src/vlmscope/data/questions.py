@@ -12,7 +12,7 @@ RELATION_WORDS = {"left": "left of", "right": "right of", "above": "above", "bel
 SLOTS = {  # slot names per family, in template order
     "colour": ("shape",), "shape": ("colour",), "count": ("shape",), "where": ("colour", "shape"),
     "exists": ("colour", "shape"), "relation": ("colour", "shape", "relation", "colour", "shape"),
-}  # fmt: skip
+}
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _find(scene: Scene, colour: str | None, shape: str | None) -> list[int]:
     return [
         i for i, o in enumerate(scene.objects)
         if (colour is None or o.colour == colour) and (shape is None or o.shape == shape)
-    ]  # fmt: skip
+    ]
 
 
 def holds(relation: str, a_cell: int, b_cell: int) -> bool:
@@ -99,5 +99,6 @@ def answer_of(scene: Scene, family: str, slots: tuple[str, ...]) -> Question | N
 
 def caption(scene: Scene) -> str:
     """A full description, objects in reading order: "a large red circle at top-left and ... ."."""
-    parts = [f"a {o.size} {o.colour} {o.shape} at {o.position}" for o in sorted(scene.objects, key=lambda o: o.cell)]
+    ordered = sorted(scene.objects, key=lambda o: o.cell)
+    parts = [f"a {o.size} {o.colour} {o.shape} at {o.position}" for o in ordered]
     return " and ".join(parts) + f" on a {scene.domain} background ."

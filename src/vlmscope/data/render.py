@@ -3,7 +3,7 @@ every patch of any patch grid, so that heatmaps over patches can be scored."""
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 
@@ -12,10 +12,10 @@ from vlmscope.data.scene import RADIUS, Scene
 RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 230),
     "yellow": (235, 215, 40), "purple": (150, 60, 200), "orange": (245, 140, 30),
-}  # fmt: skip
+}
 
 
-@lru_cache(maxsize=None)
+@cache
 def stencil(shape: str, radius: int) -> np.ndarray:
     """Boolean (2r+1, 2r+1) footprint of a shape centred on the middle pixel."""
     d = np.arange(-radius, radius + 1, dtype=np.float32)
@@ -85,7 +85,7 @@ def object_mask(scene: Scene) -> np.ndarray:
 
 
 def patch_objects(scene_or_mask: Scene | np.ndarray, grid: int | tuple[int, int],
-                  min_fraction: float = 0.1) -> np.ndarray:  # fmt: skip
+                  min_fraction: float = 0.1) -> np.ndarray:
     """Object index at every patch of a (rows, cols) patch grid, (rows, cols) int64, -1 for none.
 
     Rule: a patch belongs to the object covering the most of its pixels (ties: lower index), provided

@@ -54,7 +54,8 @@ def _n_objects(rng: np.random.Generator, hard: bool, lo: int) -> int:
     return int(rng.integers(lo, 5))
 
 
-def _scene(rng: np.random.Generator, attrs: list[Pair], cells: list[int] | None = None) -> tuple[Scene, list[int]]:
+def _scene(rng: np.random.Generator, attrs: list[Pair],
+           cells: list[int] | None = None) -> tuple[Scene, list[int]]:
     """Place attrs in shuffled order; returns the scene and where each attrs entry went."""
     order = [int(i) for i in rng.permutation(len(attrs))]
     shuffled = [attrs[i] for i in order]
@@ -111,7 +112,7 @@ def _relation(rng: np.random.Generator, hard: bool) -> Example:
     b = _pair_not(rng, [a])
     n = _n_objects(rng, hard, 2)
     others = [_sharing_one(rng, (a, b)[int(rng.integers(2))]) if hard else _pair_not(rng, [a, b])
-              for _ in range(n - 2)]  # fmt: skip
+              for _ in range(n - 2)]
     others = [p if p not in (a, b) else _pair_not(rng, [a, b]) for p in others]
     rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
     want = rng.random() < 0.5
@@ -146,3 +147,12 @@ def standard_examples(seed: int, n: int) -> list[Example]:
     i % 6), so that each family gets n // 6 or one more."""
     rng = np.random.default_rng([seed, 7919])
     return [ask(rng, FAMILIES[i % len(FAMILIES)]) for i in range(n)]
+
+
+def example_batch(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """n standard examples as processor inputs: uint8 HWC images and prompts ("<image> question")."""
+    from vlmscope.data.render import render
+    from vlmscope.data.tokenizer import prompt
+
+    examples = standard_examples(seed, n)
+    return [render(e.scene) for e in examples], [prompt(e.question.text) for e in examples]

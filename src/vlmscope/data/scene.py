@@ -58,7 +58,7 @@ class Scene:
 
 
 def place(rng: np.random.Generator, attrs: list[tuple[str, str]], cells: list[int] | None = None,
-          domain: str | None = None) -> Scene:  # fmt: skip
+          domain: str | None = None) -> Scene:
     """A scene holding objects with the given (shape, colour) pairs, in random distinct cells (or the
     given ones), random sizes, jitter, background domain and grey level."""
     for shape, colour in attrs:
@@ -84,7 +84,8 @@ def place(rng: np.random.Generator, attrs: list[tuple[str, str]], cells: list[in
 
 def random_attrs(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
     """n independent uniformly random (shape, colour) pairs."""
-    return [(SHAPES[int(rng.integers(len(SHAPES)))], COLOURS[int(rng.integers(len(COLOURS)))]) for _ in range(n)]
+    return [(SHAPES[int(rng.integers(len(SHAPES)))], COLOURS[int(rng.integers(len(COLOURS)))])
+            for _ in range(n)]
 
 
 def sample_scene(rng: np.random.Generator, min_objects: int = 1, max_objects: int = 4) -> Scene:

@@ -28,11 +28,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """WordLevel tokenizer over the full vocabulary, whitespace split, <s> prepended."""
     tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="right",
-    )  # fmt: skip
+    )
 
 
 def build_processor() -> LlavaProcessor:
@@ -40,11 +41,11 @@ def build_processor() -> LlavaProcessor:
     ip = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD),
-    )  # fmt: skip
+    )
     return LlavaProcessor(
         image_processor=ip, tokenizer=build_tokenizer(), patch_size=CELL,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )  # fmt: skip
+    )
 
 
 def prompt(question_text: str) -> str:

@@ -14,7 +14,7 @@ POSITIONS: tuple[str, ...] = (
     "top-left", "top-center", "top-right",
     "middle-left", "center", "middle-right",
     "bottom-left", "bottom-center", "bottom-right",
-)  # fmt: skip
+)
 COUNTS: tuple[str, ...] = ("zero", "one", "two", "three", "four")
 RELATIONS: tuple[str, ...] = ("left", "right", "above", "below")  # "left of", "right of", "above", "below"
 YES_NO: tuple[str, ...] = ("yes", "no")
@@ -25,13 +25,13 @@ SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
 _GLUE_WORDS: tuple[str, ...] = (
     "what", "colour", "shape", "is", "the", "object", "how", "many", "are", "there", "where", "a", "of",
     "?", "at", "and", ".", "on", "background",
-)  # fmt: skip
+)
 
 
 def words() -> tuple[str, ...]:
     """Every non-special word of the world, in a fixed order (the tokenizer's ids follow it)."""
     groups = (_GLUE_WORDS, SHAPES, tuple(PLURALS.values()), COLOURS, SIZES, DOMAINS, POSITIONS, COUNTS,
-              RELATIONS, YES_NO)  # fmt: skip
+              RELATIONS, YES_NO)
     out: list[str] = []
     for group in groups:
         out.extend(w for w in group if w not in out)
@@ -43,7 +43,7 @@ def answer_words(family: str) -> tuple[str, ...]:
     table = {
         "colour": COLOURS, "shape": SHAPES, "count": COUNTS[:4], "where": POSITIONS,
         "exists": YES_NO, "relation": YES_NO,
-    }  # fmt: skip
+    }
     if family not in table:
         raise ValueError(f"unknown family {family!r}; valid: {FAMILIES}")
     return table[family]

@@ -57,7 +57,8 @@ def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
 
-def write_snapshot(directory: Path, step: int, stage: str, state: dict[str, torch.Tensor], keys: list[str]) -> None:
+def write_snapshot(directory: Path, step: int, stage: str, state: dict[str, torch.Tensor],
+                   keys: list[str]) -> None:
     """Store `keys` of a model state dict in fp16 as step_XXXXX.safetensors and list it in index.json."""
     name = f"step_{step:05d}.safetensors"
     save_atomic({k: state[k].to(torch.float16) for k in keys}, directory / name)

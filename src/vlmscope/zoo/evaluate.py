@@ -37,12 +37,15 @@ def accuracy(model: torch.nn.Module, examples: list[Example], batch_size: int = 
     return {f: correct[f] / total[f] for f in FAMILIES if total[f]}
 
 
-def evaluate(name_or_model: str | torch.nn.Module, seed: int, n: int, step: int | None = None) -> dict[str, float]:
-    """Per-family accuracy on n fresh standard examples of `seed` (families in turn, n // 6 each)."""
+def evaluate(name_or_model, seed: int, n: int, step: int | None = None) -> dict[str, float]:
+    """Per-family accuracy on n fresh standard examples of `seed` (families in turn, n // 6 each).
+    name_or_model: a zoo name (`step` picks a checkpoint), a transformers model, or a vlmscope VLM."""
     if isinstance(name_or_model, str):
         from vlmscope.zoo.registry import load_hf
 
         model, _ = load_hf(name_or_model, step=step)
-    else:
-        model = getattr(name_or_model, "hf_model", name_or_model)
+    elif isinstance(name_or_model, torch.nn.Module):
+        model = name_or_model
+    else:  # a vlmscope.VLM wraps the transformers model it was given
+        model = name_or_model.model
     return accuracy(model, standard_examples(seed, n))

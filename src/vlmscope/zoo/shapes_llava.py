@@ -23,18 +23,18 @@ PARTS: dict[str, tuple[str, ...]] = {
 def build_config() -> LlavaConfig:
     """The architecture; vision_feature_layer=-1 because stage 1 trains the tower's last layer."""
     vocab = vocabulary()
-    vision = CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=CELL)  # fmt: skip
+    vision = CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=CELL)
     text = LlamaConfig(
         vocab_size=len(vocab), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=8, head_dim=16, max_position_embeddings=64,
         bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], pad_token_id=vocab["<pad>"],
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
         image_seq_length=N_IMAGE_TOKENS, vision_feature_layer=-1, vision_feature_select_strategy="default",
-    )  # fmt: skip
+    )
 
 
 def build_model(seed: int) -> LlavaForConditionalGeneration:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from vlmscope.data.batches import family_weights, patch_batch, qa_batch
 from vlmscope.data.sampling import standard_examples
-from vlmscope.data.tokenizer import build_processor, vocabulary
+from vlmscope.data.tokenizer import build_processor
 from vlmscope.zoo import checkpoint as ck
 from vlmscope.zoo.evaluate import accuracy
 from vlmscope.zoo.shapes_llava import NAME, build_model, build_patch_heads, part_keys, part_parameters
@@ -58,8 +58,10 @@ class TrainConfig:
         Stage("align", ("projector",), 300, 32, 1e-3, 30),
         Stage("instruct", ("projector", "lm"), 18_000, 32, 1e-3, 200, floor=0.02,
               snapshots=(1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000)),
-    )  # fmt: skip
-    hard_fraction: float = 0.75  # share of the binding curriculum in instruction batches
+    )
+    hard_fraction: float = 0.75  # share of the binding curriculum in instruction batches ...
+    hard_ramp: int = 3000  # ... reached linearly over these first steps (from 0: the easy scenes teach
+    # the model to read the image at all; with 75% curriculum from step 0 it stalled at chance for 2k steps)
     eval_every: int = 1000
     eval_n: int = 600
     val_seed: int = 1_000_003
@@ -95,14 +97,16 @@ def global_step(cfg: TrainConfig, stage: int, step: int) -> int:
     return sum(s.steps for s in cfg.stages[:stage]) + step
 
 
-def _loss(model, heads, stage: Stage, rng: np.random.Generator, weights: dict[str, float], cfg: TrainConfig):
+def _loss(model, heads, stage: Stage, step: int, rng: np.random.Generator, weights: dict[str, float],
+          cfg: TrainConfig):
     if stage.name == "vision":
         b = patch_batch(rng, stage.batch_size)
         out = model.model.vision_tower(b.pixel_values, output_hidden_states=True)
         feats = out.hidden_states[-1][:, 1:]  # (batch, 9, d_vision): the layer the LM reads, CLS dropped
         return sum(torch.nn.functional.cross_entropy(h(feats).flatten(0, 1), b.labels[k].flatten())
-                   for k, h in heads.items())  # fmt: skip
-    b = qa_batch(rng, stage.batch_size, weights, cfg.hard_fraction)
+                   for k, h in heads.items())
+    hard = cfg.hard_fraction * min(1.0, step / cfg.hard_ramp) if cfg.hard_ramp else cfg.hard_fraction
+    b = qa_batch(rng, stage.batch_size, weights, hard)
     x = b.inputs
     logits = model(input_ids=x.input_ids, attention_mask=x.attention_mask, pixel_values=x.pixel_values).logits
     return torch.nn.functional.cross_entropy(logits[torch.arange(len(b.answers)), x.last], b.answers)
@@ -122,11 +126,12 @@ def _save_state(out: Path, model, heads, opt, prog: Progress) -> None:
 def _snapshot(out: Path, cfg: TrainConfig, model, stage_i: int, step: int) -> None:
     stage = cfg.stages[stage_i]
     keys = part_keys(model, stage.parts) if step > 0 or stage_i > 0 else list(model.state_dict())
-    ck.write_snapshot(out / "checkpoints", global_step(cfg, stage_i, step), stage.name, model.state_dict(), keys)
+    step = global_step(cfg, stage_i, step)
+    ck.write_snapshot(out / "checkpoints", step, stage.name, model.state_dict(), keys)
 
 
 def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None = None,
-          progress_bar: bool = True) -> Progress:  # fmt: skip
+          progress_bar: bool = True) -> Progress:
     """Train (or resume) into `out`; returns the final progress. `halt_at` (a global step) stops the
     run there without saving, as a kill would: used to test resumption."""
     out = Path(out)
@@ -147,16 +152,18 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
         _snapshot(out, cfg, model, 0, 0)
     while not prog.done:
         stage = cfg.stages[prog.stage]
-        params = part_parameters(model, stage.parts) + (list(heads.parameters()) if stage.name == "vision" else [])
+        params = part_parameters(model, stage.parts)
+        params += list(heads.parameters()) if stage.name == "vision" else []
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=stage.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         if saved is not None and prog.step > 0:
-            ck.load_optimizer(opt, ck.split_prefix(saved, "optim"), ck.read_metadata(out / STATE)["param_groups"])
+            groups = ck.read_metadata(out / STATE)["param_groups"]
+            ck.load_optimizer(opt, ck.split_prefix(saved, "optim"), groups)
         saved = None
         model.train()
         bar = tqdm(range(prog.step, stage.steps), desc=f"{NAME} {stage.name}", initial=prog.step,
-                   total=stage.steps, disable=not progress_bar, mininterval=10)  # fmt: skip
+                   total=stage.steps, disable=not progress_bar, mininterval=10)
         t0, stop = time.perf_counter(), False
         for step in bar:
             if halt_at is not None and global_step(cfg, prog.stage, step) >= halt_at:
@@ -164,7 +171,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
             rng = np.random.default_rng([cfg.seed, prog.stage, step])
             for g in opt.param_groups:
                 g["lr"] = lr_at(stage, step)
-            loss = _loss(model, heads, stage, rng, family_weights(prog.accuracy), cfg)
+            loss = _loss(model, heads, stage, step, rng, family_weights(prog.accuracy), cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -207,7 +214,8 @@ def _export_final(out: Path, model, prog: Progress) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmscope.zoo.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vlmscope.zoo.train",
+                                     description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
 
@@ -216,7 +224,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=[NAME])
     parser.add_argument("--out", required=True, help="run directory (resumes if it holds a state)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="instruction-tuning steps (default: recipe's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="instruction-tuning steps (default: the recipe's)")
 
 
 def run(args: argparse.Namespace) -> Progress:
@@ -225,9 +234,8 @@ def run(args: argparse.Namespace) -> Progress:
     cfg = TrainConfig(seed=args.seed)
     if args.steps is not None:
         last = replace(cfg.stages[-1], steps=args.steps, snapshots=tuple(s for s in cfg.stages[-1].snapshots
-                                                                         if s < args.steps))  # fmt: skip
+                                                                         if s < args.steps))
         cfg = replace(cfg, stages=(*cfg.stages[:-1], last))
-    _ = vocabulary()
     prog = train(args.out, cfg)
     print(json.dumps({"done": prog.done, "elapsed_s": round(prog.elapsed_s, 1), "accuracy": prog.accuracy}))
     return prog

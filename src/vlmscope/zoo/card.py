@@ -1,0 +1,124 @@
+"""Model cards: what a zoo model is, how it was trained, how well it does and where it fails.
+card.json is the machine-readable source; card.md is rendered from it."""
+
+from __future__ import annotations
+
+from vlmscope.data.scene import CELL, IMAGE_SIZE
+from vlmscope.data.vocab import COLOURS, DOMAINS, FAMILIES, SHAPES, SIZES
+from vlmscope.zoo.shapes_llava import NAME, PARTS
+
+CARD_VERSION = 1
+KNOWN_LIMITS = [
+    "Trained and evaluated only on the synthetic shapes world (72-px images, 3x3 grid, 1-4 objects); it"
+    " knows nothing else, and questions outside the six templates are out of distribution.",
+    "Answers are single tokens read at the last prompt position; generation beyond one token is untrained.",
+    "The image must be 72 x 72 with one object per 24-px cell: the 9 image tokens are the 9 cells, so an"
+    " object straddling cells or a finer layout is out of distribution.",
+    "The vision tower is trained only with per-patch attribute heads (no captions, no contrastive loss).",
+    "Intermediate checkpoints are fp16 and store only the parts their stage changed; the final weights"
+    " are fp32.",
+]
+
+
+def shapes_llava_card(model, training: dict, config: dict, accuracy: dict[str, float], seed: int, n: int,
+                      final_step: int, snapshot_steps: list[int]) -> dict:
+    """The card of a trained shapes-llava as a JSON-able dict."""
+    cfg = model.config
+    params = {part: sum(p.numel() for k, p in model.named_parameters() if k.startswith(prefixes))
+              for part, prefixes in PARTS.items()}
+    return {
+        "card_version": CARD_VERSION,
+        "name": NAME,
+        "class": type(model).__name__,
+        "parameters": sum(params.values()),
+        "parameters_by_part": params,
+        "architecture": {
+            "vision": {k: getattr(cfg.vision_config, k) for k in (
+                "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "image_size", "patch_size")},
+            "projector": {"type": "mlp2x_gelu", "hidden_act": cfg.projector_hidden_act},
+            "lm": {k: getattr(cfg.text_config, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
+                   "num_attention_heads", "head_dim", "intermediate_size", "vocab_size")},
+            "image_tokens": (IMAGE_SIZE // CELL) ** 2,
+            "image_token_id": cfg.image_token_id,
+            "vision_feature_layer": cfg.vision_feature_layer,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+            "prompt": "<s> <image>x9 QUESTION  (answer read from the logits at the last prompt token)",
+        },
+        "data": {
+            "world": "vlmscope.data shapes world",
+            "image_size": IMAGE_SIZE, "grid": "3x3", "objects": "1-4", "shapes": list(SHAPES),
+            "colours": list(COLOURS), "sizes": list(SIZES), "domains": list(DOMAINS),
+            "families": list(FAMILIES),
+            "training_mix": f"{config['hard_fraction']:.0%} binding curriculum (reached linearly over the"
+                            f" first {config['hard_ramp']} instruction steps), rest standard; family weights"
+                            " 0.05 + max(1 - val acc, 0.02)",
+        },
+        "recipe": {"seed": config["seed"], "stages": config["stages"], "optimizer": "AdamW",
+                   "betas": config["betas"], "weight_decay": config["weight_decay"],
+                   "grad_clip": config["grad_clip"], "stop_at": config["stop_at"],
+                   "eval_every": config["eval_every"], "command":
+                   f"vlmscope zoo train {NAME} --out runs/{NAME} --seed {config['seed']}"},
+        "training": {"final_step": final_step, "seconds": round(training["elapsed_s"], 1),
+                     "seconds_by_stage": {k: round(v, 1) for k, v in training["stage_seconds"].items()},
+                     "hardware": "1 CPU thread (shared 2-core machine)", "validation": training["history"],
+                     "validation_n": config["eval_n"]},
+        "accuracy": {"seed": seed, "n": n, "per_family": accuracy},
+        "checkpoints": {"steps": snapshot_steps + [final_step], "format": "fp16 snapshots of changed parts"
+                        " (checkpoints/index.json), composed at load; final step = model.safetensors"},
+        "known_limits": KNOWN_LIMITS,
+        "size_mb": None,
+    }
+
+
+def render_card_md(card: dict) -> str:
+    """card.md from card.json."""
+    a, t = card["architecture"], card["training"]
+    acc = card["accuracy"]["per_family"]
+    lines = [
+        f"# {card['name']}", "",
+        f"`{card['class']}`, {card['parameters']:,} parameters "
+        f"({', '.join(f'{k} {v:,}' for k, v in card['parameters_by_part'].items())}), "
+        f"{card['size_mb']} MB on disk"
+        " with its checkpoints.", "",
+        "## Architecture",
+        f"- Vision: CLIP, {a['vision']['hidden_size']} wide, {a['vision']['num_hidden_layers']} layers, "
+        f"{a['vision']['num_attention_heads']} heads, {a['vision']['image_size']}-px images, "
+        f"{a['vision']['patch_size']}-px patches: {a['image_tokens']} image tokens, one per grid cell.",
+        f"- Projector: 2-layer MLP (GELU); LLaVA reads vision layer {a['vision_feature_layer']}, "
+        "CLS dropped.",
+        f"- LM: Llama, {a['lm']['hidden_size']} wide, {a['lm']['num_hidden_layers']} layers, "
+        f"{a['lm']['num_attention_heads']} heads x {a['lm']['head_dim']}, "
+        f"vocabulary {a['lm']['vocab_size']} words.",
+        f"- Prompt: `{a['prompt']}`.", "",
+        "## Data",
+        f"The shapes world: {card['data']['objects']} objects on a {card['data']['grid']} grid, "
+        f"{len(card['data']['shapes'])} shapes, {len(card['data']['colours'])} colours, 2 sizes, backgrounds "
+        f"{', '.join(card['data']['domains'])}. Training mix: {card['data']['training_mix']}.", "",
+        "## Recipe (LLaVA's stages)",
+    ]
+    for s in card["recipe"]["stages"]:
+        lines.append(f"- {s['name']}: trains {' + '.join(s['parts'])}, up to {s['steps']} steps, batch "
+                     f"{s['batch_size']}, lr {s['lr']} (warm-up {s['warmup']}, "
+                     f"cosine to {s['floor']} x peak)")
+    lines += [
+        f"- Early stop when every family reaches {card['recipe']['stop_at']} on validation "
+        f"(every {card['recipe']['eval_every']} steps).",
+        f"- Reproduce: `{card['recipe']['command']}`.",
+        *([f"- Note: {card['recipe']['note']}"] if card["recipe"].get("note") else []), "",
+        "## Training",
+        f"{t['final_step']} steps in {t['seconds'] / 60:.1f} min on {t['hardware']} "
+        f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in t['seconds_by_stage'].items())}).", "",
+        f"## Accuracy ({card['accuracy']['n']} fresh examples, seed {card['accuracy']['seed']})", "",
+        "| " + " | ".join(acc) + " |", "|" + "---|" * len(acc),
+        "| " + " | ".join(f"{v:.3f}" for v in acc.values()) + " |",
+        "", f"Validation during training ({t['validation_n']} standard examples):", "",
+        "| step | " + " | ".join(FAMILIES) + " |", "|" + "---|" * (len(FAMILIES) + 1),
+    ]
+    for h in t["validation"]:
+        lines.append(f"| {h['step']} | " + " | ".join(f"{h['accuracy'][f]:.2f}" for f in FAMILIES) + " |")
+    lines += ["", "## Checkpoints", f"Steps {card['checkpoints']['steps']}: {card['checkpoints']['format']}.",
+              "", "## Known limits", *[f"- {x}" for x in card["known_limits"]], ""]
+    return "\n".join(lines)
+
+

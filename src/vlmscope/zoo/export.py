@@ -1,0 +1,84 @@
+"""Export a finished training run into the package (zoo/models/NAME/): the fp32 transformers
+checkpoint and processor, a chosen subset of the fp16 snapshots (within the size budget), and the
+model card (card.json + card.md) with held-out accuracy measured on a fresh seed.
+
+    python -m vlmscope.zoo.export runs/shapes-llava --seed 2024 --n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from vlmscope.zoo.card import render_card_md, shapes_llava_card
+from vlmscope.zoo.checkpoint import read_index, write_json_atomic
+from vlmscope.zoo.evaluate import evaluate
+from vlmscope.zoo.registry import MODELS
+from vlmscope.zoo.shapes_llava import NAME
+
+FINAL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+               "tokenizer.json", "tokenizer_config.json")
+
+
+def choose_snapshots(index: list[dict], max_instruct: int) -> list[dict]:
+    """Every vision/align snapshot and the init, plus up to `max_instruct` instruction-tuning ones
+    spread evenly over that stage (its last one is the final model, shipped in fp32 instead)."""
+    fixed = [e for e in index if e["stage"] != "instruct"]
+    inst = [e for e in index if e["stage"] == "instruct"][:-1]
+    if len(inst) > max_instruct:
+        picks = {round(i * (len(inst) - 1) / max(1, max_instruct - 1)) for i in range(max_instruct)}
+        inst = [inst[i] for i in sorted(picks)]
+    return fixed + inst
+
+
+def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME, note: str = "") -> Path:
+    """Copy a finished run into the package and write its card (with `note` on how the run went, e.g.
+    a resumption with another schedule); returns the model folder."""
+    final = run / "final"
+    if not (final / "model.safetensors").exists():
+        raise FileNotFoundError(f"{final} holds no model.safetensors: the run in {run} has not finished")
+    dest = MODELS / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "checkpoints").mkdir(parents=True)
+    for f in FINAL_FILES:
+        shutil.copyfile(final / f, dest / f)
+    index = read_index(run / "checkpoints")
+    chosen = choose_snapshots(index, max_instruct)
+    for e in chosen:
+        shutil.copyfile(run / "checkpoints" / e["file"], dest / "checkpoints" / e["file"])
+    write_json_atomic(chosen, dest / "checkpoints" / "index.json")
+    training = json.loads((final / "training.json").read_text())
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(final, local_files_only=True, use_safetensors=True)
+    acc = evaluate(model, seed=seed, n=n)
+    card = shapes_llava_card(model, training, json.loads((run / "config.json").read_text()), acc, seed, n,
+                             final_step=index[-1]["step"], snapshot_steps=[e["step"] for e in chosen])
+    card["recipe"]["note"] = note
+    write_json_atomic(card, dest / "card.json")  # size first measured without the card files
+    card["size_mb"] = round(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 2**20, 2)
+    write_json_atomic(card, dest / "card.json")
+    (dest / "card.md").write_text(render_card_md(card))
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vlmscope.zoo.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run")
+    p.add_argument("--seed", type=int, default=2024)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--max-instruct", type=int, default=5)
+    p.add_argument("--note", default="", help="how the run went, for the card (e.g. a resumption)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    dest = export(Path(args.run), args.seed, args.n, args.max_instruct, note=args.note)
+    print(json.dumps(json.loads((dest / "card.json").read_text())["accuracy"]))
+
+
+if __name__ == "__main__":
+    main()

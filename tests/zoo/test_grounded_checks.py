@@ -1,0 +1,68 @@
+"""Methods checked against the shapes world's ground truth on the shipped shapes-llava."""
+
+import pytest
+import torch
+
+from vlmscope import zoo
+from vlmscope.experiments import grounded
+from vlmscope.methods.attribution import attribution_patching, compare
+from vlmscope.methods.metrics import logit_diff
+from vlmscope.zoo import truth
+
+NAME = "shapes-llava"
+pytestmark = pytest.mark.skipif(NAME not in zoo.names(), reason="shapes-llava has not been exported yet")
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    return zoo.load(NAME)
+
+
+def test_colour_is_decodable_at_the_last_vision_blocks_and_heatmaps_sit_on_objects(vlm):
+    trace, grid, scores = grounded.where_is_it_lost(vlm, "colour", n=300, seed=11)
+    vision = [i for i, s in enumerate(trace.sites) if s.startswith("vision.")]
+    assert float(trace.score[vision[-1]]) >= 0.95
+    assert scores["per-patch probe heatmap mass on object patches"] >= 0.8
+    assert float(grid.nanmean()) >= 0.9
+
+
+def test_position_survives_the_mlp_projector(vlm):
+    trace, _, _ = grounded.where_is_it_lost(vlm, "cell", n=300, seed=12)
+    assert float(trace.score[trace.sites.index("connector.out")]) >= 0.9
+
+
+def test_sip_effects_at_the_first_layer_sit_on_the_changed_object(vlm):
+    _, scores = grounded.sip_localisation(vlm, n_pairs=8, seed=13)
+    assert scores["SIP top-patch precision, first layer"] >= 0.8
+    assert scores["changed-patch fraction (chance)"] < 0.3
+
+
+def test_blocking_image_to_last_everywhere_drops_accuracy_to_chance(vlm):
+    _, acc, scores = grounded.image_flow_knockout(vlm, n=120, seed=14)
+    assert scores["accuracy"] >= 0.95
+    assert scores["accuracy, image->last blocked in all layers"] <= 0.45  # chance is 1/9 .. 1/2 per family
+    per_window = acc.values.mean(1)
+    assert per_window.max() >= 0.8  # some single layer can be blocked without losing the answer
+
+
+def test_attribution_patching_tracks_exact_patching_on_the_zoo(vlm):
+    pairs = truth.counterfactual_pairs(15, 6, "sip")
+    clean = truth.inputs_for(vlm, [p.clean for p in pairs])
+    corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
+    metric = logit_diff(truth.answer_ids(vlm, [p.clean for p in pairs]),
+                        truth.answer_ids(vlm, [p.corrupt for p in pairs]))
+    from vlmscope.methods.patching import patch_sweep
+
+    exact = patch_sweep(vlm, clean, corrupt, metric, positions="each")
+    approx = attribution_patching(vlm, clean, corrupt, metric, positions="each")
+    agree = compare(exact, approx)
+    assert agree.pearson["all"] >= 0.9, agree
+
+
+def test_lens_word_accuracy_is_measured_per_layer(vlm):
+    res, acc = grounded.lens_word_accuracy(vlm, n=30, seed=16)
+    n = vlm.n_layers("lm")
+    assert len(acc["object patch names its object"]) == n
+    assert all(0 <= v <= 1 for v in acc["background patch names a scene object"])
+    out = vlm.run(truth.inputs_for(vlm, truth.examples(16, 30)))
+    assert torch.equal(res.top_ids[-1, :, :, 0], out.logits.argmax(-1))
