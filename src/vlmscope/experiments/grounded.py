@@ -138,24 +138,67 @@ def sip_localisation(vlm, n_pairs: int = 8, seed: int = 0, sites: str | Sequence
 
 def image_flow_knockout(vlm, n: int = 120, seed: int = 0, window: int = 1
                         ) -> tuple[KnockoutResult, KnockoutResult, dict[str, float]]:
-    """Knock out image -> last-token attention in a sliding window of layers: the logit of the
-    right answer (relative change) and the answer accuracy per window; plus knockout in every
-    layer at once, which must drop accuracy to chance."""
+    """Knock out attention from the image tokens in a sliding window of layers: to the last token
+    (the answer's logit and accuracy per window), and to every text token in all layers at once —
+    the whole image->text flow — which must drop accuracy to chance (the majority answer of each
+    question family, i.e. what the text alone allows)."""
+    from vlmscope.methods.knockout import accuracy_metric
+
     exs = truth.examples(seed, n)
     x = truth.inputs_for(vlm, exs)
     answers = truth.answer_ids(vlm, exs)
-    correct = _answer_logit(answers)
-    res = knockout_sweep(vlm, x, correct, window=window)
-    from vlmscope.methods.knockout import accuracy_metric
-
+    res = knockout_sweep(vlm, x, _answer_logit(answers), window=window)
     acc = knockout_sweep(vlm, x, accuracy_metric(answers), window=window)
-    full = knockout_sweep(vlm, x, accuracy_metric(answers), window=vlm.n_layers("lm"))
+    n_layers = vlm.n_layers("lm")
+    to_last = knockout_sweep(vlm, x, accuracy_metric(answers), window=n_layers)
+    to_text = knockout_sweep(vlm, x, accuracy_metric(answers), dst="text", window=n_layers)
     out = vlm.run(x)
     base = float((last_logits(vlm, out, x).argmax(-1).cpu() == answers).float().mean())
-    scores = {"accuracy": base, "accuracy, image->last blocked in all layers": float(full.values.mean())}
+    scores = {"accuracy": base,
+              "accuracy, image->last blocked in all layers": float(to_last.values.mean()),
+              "accuracy, image->text blocked in all layers": float(to_text.values.mean()),
+              "chance (majority answer per family)": majority_baseline(exs)}
     for s, v in zip(acc.starts, acc.values.mean(1).tolist()):
         scores[f"accuracy, blocked in layers {s}..{s + window - 1}"] = v
+    scores.update(flow_window(vlm, x, answers, scores["chance (majority answer per family)"]))
     return res, acc, scores
+
+
+def flow_window(vlm, x, answers, chance: float, margin: float = 0.05) -> dict[str, float]:
+    """The shortest window of consecutive layers where blocking image->text attention drops
+    accuracy to chance (+ margin), and the accuracy when the same flow is blocked everywhere
+    outside that window instead."""
+    from vlmscope.model.interventions import knockout
+
+    n = vlm.n_layers("lm")
+
+    def accuracy(layers):
+        if not layers:
+            return float((last_logits(vlm, vlm.run(x), x).argmax(-1).cpu() == answers).float().mean())
+        out = vlm.run(x, [knockout("image", "text", layers=layers)])
+        return float((last_logits(vlm, out, x).argmax(-1).cpu() == answers).float().mean())
+
+    for size in range(1, n + 1):
+        for start in range(n - size + 1):
+            inside = list(range(start, start + size))
+            acc_in = accuracy(inside)
+            if acc_in <= chance + margin:
+                outside = [i for i in range(n) if i not in inside]
+                return {"flow window start": start, "flow window end": start + size - 1,
+                        "accuracy, image->text blocked in the window": acc_in,
+                        "accuracy, image->text blocked outside the window": accuracy(outside)}
+    return {"flow window start": float("nan"), "flow window end": float("nan")}
+
+
+def majority_baseline(examples) -> float:
+    """Accuracy of answering each family's most frequent answer: what a model blind to the image
+    can reach from the question alone."""
+    from collections import Counter
+
+    by_family: dict[str, Counter] = {}
+    for ex in examples:
+        by_family.setdefault(ex.question.family, Counter())[ex.question.answer] += 1
+    return sum(c.most_common(1)[0][1] for c in by_family.values()) / len(examples)
 
 
 def _answer_logit(answers: torch.Tensor):
@@ -194,8 +237,8 @@ def sae_concepts(vlm, site: str = "connector.out", n: int = 1500, seed: int = 0,
     sae = train_saes(TensorSource({site: acts[:split]}), [spec], cfg, out_dir=out_dir, progress=False)[spec.label()]
     with torch.no_grad():
         h = sae.encode(acts[split:])
-    colour_f1 = concept_f1(colours[split:], h, {c: i for i, c in enumerate(COLOURS)})
-    shape_f1 = concept_f1(shapes[split:], h, {s: i for i, s in enumerate(SHAPES)})
+    colour_f1 = concept_f1(colours[split:], h, {c: i for i, c in enumerate(COLOURS)}, levels=8)
+    shape_f1 = concept_f1(shapes[split:], h, {s: i for i, s in enumerate(SHAPES)}, levels=8)
     scores = {"score": float(colour_f1.best_f1.mean()),
               "mean best-feature F1, colours": float(colour_f1.best_f1.mean()),
               "mean best-feature F1, shapes": float(shape_f1.best_f1.mean()),

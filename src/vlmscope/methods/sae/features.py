@@ -186,6 +186,7 @@ class ConceptF1(Result):
     recall: torch.Tensor  # (concept,)
     support: torch.Tensor  # (concept,) rows with the concept
     goal: float = 0.8
+    threshold: torch.Tensor | None = None  # (concept,) activation level the best feature is read at
 
     @property
     def uncaptured(self) -> tuple[str, ...]:
@@ -206,11 +207,13 @@ class ConceptF1(Result):
 
 def concept_f1(labels: torch.Tensor, acts: torch.Tensor,
                concepts: Sequence[str] | Mapping[str, int] | None = None, threshold: float = 0.0,
-               goal: float = 0.8, chunk: int = 8192) -> ConceptF1:
+               goal: float = 0.8, chunk: int = 8192, levels: int = 1) -> ConceptF1:
     """For each concept (a label value), the feature whose activity (> threshold) best matches the
     rows carrying it. labels (rows,) ints, -1 for rows to leave out; acts (rows, features).
     concepts: names for label values 0..C-1, or {name: label value} to score only some (other
-    values, e.g. 'no object', still count as negatives)."""
+    values, e.g. 'no object', still count as negatives). levels > 1 also tries each feature as a
+    detector above `levels - 1` quantiles of its positive activations (the best level is kept and
+    reported in `threshold`), since a feature may fire weakly off its concept."""
     if labels.shape[0] != acts.shape[0]:
         raise ValueError(f"labels have {labels.shape[0]} rows but activations {acts.shape[0]}")
     if concepts is None:
@@ -219,18 +222,35 @@ def concept_f1(labels: torch.Tensor, acts: torch.Tensor,
     values = torch.tensor(list(table.values()), dtype=torch.long)
     keep = labels >= 0
     labels, acts = labels[keep], acts[keep]
-    tp = torch.zeros(len(values), acts.shape[1], dtype=torch.float64)
-    fired = torch.zeros(acts.shape[1], dtype=torch.float64)
-    for s in range(0, len(labels), chunk):
-        on = (acts[s:s + chunk] > threshold).double()  # (rows, features)
-        y = (labels[s:s + chunk, None] == values[None]).double()  # (rows, concepts)
-        tp += y.T @ on
-        fired += on.sum(0)
+    cuts = torch.full((1, acts.shape[1]), float(threshold))
+    if levels > 1:
+        q = torch.linspace(0, 1, levels + 1)[1:-1]
+        pos = torch.where(acts > threshold, acts, torch.nan)
+        cuts = torch.cat([cuts, torch.nanquantile(pos.float(), q, dim=0).nan_to_num(float("inf"))])
     support = (labels[:, None] == values[None]).sum(0).double()  # (concepts,)
-    f1 = 2 * tp / (fired[None] + support[:, None]).clamp_min(1)
-    best = f1.argmax(1)
+    best_f1 = torch.full((len(values),), -1.0, dtype=torch.float64)
+    best = torch.zeros(len(values), dtype=torch.long)
+    best_tp = torch.zeros(len(values), dtype=torch.float64)
+    best_fired = torch.ones(len(values), dtype=torch.float64)
+    best_cut = torch.zeros(len(values))
     rows = torch.arange(len(values))
-    tpb = tp[rows, best]
-    return ConceptF1(concepts=tuple(table), best_f1=f1[rows, best].float(), best_feature=best,
-                     precision=(tpb / fired[best].clamp_min(1)).float(),
-                     recall=(tpb / support.clamp_min(1)).float(), support=support.long(), goal=goal)
+    for cut in cuts:  # (features,) one threshold per feature
+        tp = torch.zeros(len(values), acts.shape[1], dtype=torch.float64)
+        fired = torch.zeros(acts.shape[1], dtype=torch.float64)
+        for s in range(0, len(labels), chunk):
+            on = (acts[s:s + chunk] > cut[None]).double()  # (rows, features)
+            y = (labels[s:s + chunk, None] == values[None]).double()  # (rows, concepts)
+            tp += y.T @ on
+            fired += on.sum(0)
+        f1 = 2 * tp / (fired[None] + support[:, None]).clamp_min(1)
+        arg = f1.argmax(1)
+        better = f1[rows, arg] > best_f1
+        best_f1 = torch.where(better, f1[rows, arg], best_f1)
+        best = torch.where(better, arg, best)
+        best_tp = torch.where(better, tp[rows, arg], best_tp)
+        best_fired = torch.where(better, fired[arg], best_fired)
+        best_cut = torch.where(better, cut[arg].float(), best_cut)
+    return ConceptF1(concepts=tuple(table), best_f1=best_f1.float(), best_feature=best,
+                     precision=(best_tp / best_fired.clamp_min(1)).float(),
+                     recall=(best_tp / support.clamp_min(1)).float(), support=support.long(), goal=goal,
+                     threshold=best_cut)

@@ -65,10 +65,12 @@ def positions(model, inputs, special_ids):
 
 def check(model, inputs) -> None:
     cfg = model.config
-    rows, cols = patch_grid(model)
-    per_image = len(connector_layout(model, vision_layout(model))["role"])
     if "input_ids" not in inputs:  # precomputed inputs_embeds: nothing to count
         return
+    rows, cols = patch_grid(model)
+    # counted by arithmetic, not by building the layouts: this runs before every forward
+    cls = int(encoder(model, VISION).cls)
+    per_image = rows * cols + cls - cls * int(cfg.vision_feature_select_strategy == "default")
     ids = torch.as_tensor(inputs["input_ids"])
     pixels = inputs.get("pixel_values")
     n_images = 0 if pixels is None else pixels.shape[0]
