@@ -12,8 +12,8 @@ from vlmscope.methods.attribution import attribution_patching, compare
 from vlmscope.methods.corruptions import check_same_layout, gaussian_noise, replace_tokens
 from vlmscope.methods.knockout import knockout_sweep
 from vlmscope.methods.metrics import answer_prob, logit_diff
-from vlmscope.methods.path_patching import path_patch
 from vlmscope.methods.patching import patch_sweep
+from vlmscope.methods.path_patching import path_patch
 from vlmscope.results import Result
 
 METRIC = logit_diff(5, 9)

@@ -39,6 +39,7 @@ def test_trace_and_patch_grid_run_on_every_stream():
     tr = trace_concept(m, x, labels, target="colour")
     assert tr.sites[0].startswith("vision.") and "connector.out" in tr.sites and tr.sites[-1].startswith("lm.")
     assert tr.drop_after in tr.sites and len(tr.to_dataframe()) == len(tr.sites)
-    grid, probes = patch_probe_grid(m, x, truth.patch_labels(m, x, scenes, "colour", background=6), "lm.blocks.0.resid_post")
+    labels = truth.patch_labels(m, x, scenes, "colour", background=6)
+    grid, probes = patch_probe_grid(m, x, labels, "lm.blocks.0.resid_post")
     assert grid.shape == (3, 3) and not grid.isnan().any()
     assert torch.all((grid >= 0) & (grid <= 1))

@@ -116,7 +116,10 @@ def phase_changes(steps: Sequence[int], values: torch.Tensor, names: Sequence[st
             d = float(v[k] - v[k - 1])
             if abs(d) >= threshold:
                 j = k
-                while j + 1 < len(steps) and float(v[j + 1] - v[j]) * d > 0 and abs(float(v[j + 1] - v[j])) >= threshold:
+                while j + 1 < len(steps):
+                    step = float(v[j + 1] - v[j])
+                    if step * d <= 0 or abs(step) < threshold:
+                        break
                     j += 1
                 out.append({"metric": name, "step": int(steps[k]), "before": float(v[k - 1]), "after": float(v[j])})
                 k = j + 1

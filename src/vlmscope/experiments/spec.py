@@ -14,10 +14,11 @@ Unknown keys are errors that name the valid ones.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from vlmscope.errors import InputError
 

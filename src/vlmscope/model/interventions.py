@@ -15,7 +15,7 @@ import torch
 
 from vlmscope.errors import InterventionError
 from vlmscope.model.cache import Cache
-from vlmscope.model.positions import PositionSpec, Positions
+from vlmscope.model.positions import Positions, PositionSpec
 from vlmscope.model.sites import SiteSpec
 
 Batch = int | Sequence[int] | torch.Tensor | None
@@ -246,7 +246,8 @@ def _edit_fn(iv: Intervention, spec: SiteSpec, ctx: RunContext) -> Callable:
                     if ref.shape[1:] != orig.shape[1:]:
                         raise InterventionError(
                             f"mean-ablation reference for {site!r} has shape {tuple(ref.shape)}; give a mean of "
-                            f"shape {tuple(orig.shape[1:])} (or broadcastable) or samples (n, *{tuple(orig.shape[1:])})")
+                            f"shape {tuple(orig.shape[1:])} (or broadcastable) or samples "
+                            f"(n, *{tuple(orig.shape[1:])})")
                     mean = ref.mean(0)
                 full = mean.unsqueeze(0).expand_as(orig)
                 out[idx] = full[idx]

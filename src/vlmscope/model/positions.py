@@ -118,7 +118,8 @@ class Positions:
                 return spec.expand(b, t).clone()
             if spec.shape == (b, t):
                 return spec.clone()
-            raise InterventionError(f"a boolean position mask must have shape ({t},) or ({b}, {t}); got {tuple(spec.shape)}")
+            raise InterventionError(
+                f"a boolean position mask must have shape ({t},) or ({b}, {t}); got {tuple(spec.shape)}")
         if isinstance(spec, slice):
             mask = torch.zeros(b, t, dtype=torch.bool)
             mask[:, spec] = True
