@@ -139,6 +139,43 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from vlmscope.experiments.run import run_experiment
+    from vlmscope.experiments.spec import load_experiment
+
+    exp = load_experiment(args.experiment)
+    if args.model:
+        from dataclasses import replace
+
+        exp = replace(exp, model=args.model)
+    print(run_experiment(exp, args.out) / "index.html")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from vlmscope.experiments.across import compare
+    from vlmscope.experiments.spec import Experiment, load_experiment, method
+
+    exp = load_experiment(args.experiment) if args.experiment else Experiment(methods=(method("probe"),))
+    result = compare(args.models, exp)
+    for line in result.statements:
+        print(line)
+    _save(args.out, "compare", result, None, result.plot())
+    return 0
+
+
+def cmd_over_training(args) -> int:
+    from vlmscope.experiments.across import over_training
+    from vlmscope.experiments.spec import Experiment, load_experiment, method
+
+    exp = load_experiment(args.experiment) if args.experiment else Experiment(
+        model=args.model, methods=(method("probe", attribute="cell", n=200),))
+    result = over_training(args.model, exp, n_eval=args.n)
+    print("\n".join(result.timeline()))
+    _save(args.out, "over-training", result, None, result.plot())
+    return 0
+
+
 def _zoo_example(m):
     from vlmscope.data import example_batch  # provided by the shapes world
 
@@ -161,6 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="shapes-llava")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+    e = sub.add_parser("run", help="run an experiment file (TOML) and write its results and report")
+    e.add_argument("experiment")
+    e.add_argument("--model", default=None, help="override the file's model")
+    e.add_argument("--out", default="vlmscope-out")
+    e.set_defaults(func=cmd_run)
+    c = sub.add_parser("compare", help="one experiment across several models, aligned by part and depth")
+    c.add_argument("--models", nargs="+", required=True)
+    c.add_argument("--experiment", default=None)
+    c.add_argument("--out", default="vlmscope-out")
+    c.set_defaults(func=cmd_compare)
+    o = sub.add_parser("over-training", help="an experiment on every zoo checkpoint, with phase changes")
+    o.add_argument("--model", default="shapes-llava")
+    o.add_argument("--experiment", default=None)
+    o.add_argument("--n", type=int, default=300, help="examples per accuracy evaluation")
+    o.add_argument("--out", default="vlmscope-out")
+    o.set_defaults(func=cmd_over_training)
     r = sub.add_parser("report", help="build index.html from a saved results folder")
     r.add_argument("results")
     r.set_defaults(func=cmd_report)

@@ -119,6 +119,47 @@ def knockout(r, ax=None):
     return fig
 
 
+@plotter("over_training")
+def over_training(r, ax=None, metrics=None):
+    """Metrics against training step (log-spaced steps shown evenly), phase changes marked."""
+    fig, ax = _axes(ax, (7, 3.5))
+    names = list(metrics or r.metrics)
+    x = np.arange(len(r.steps))
+    for name in names:
+        ax.plot(x, r.values[r.metrics.index(name)].numpy(), "o-", ms=3, label=name)
+    for c in r.changes:
+        if c["metric"] in names:
+            ax.axvline(r.steps.index(c["step"]), color="grey", lw=0.5, ls=":")
+    ax.set_xticks(x, [str(s) for s in r.steps], rotation=60, fontsize=7)
+    ax.set_xlabel("training step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.set_title(f"{r.model} over training (dotted: phase changes, jump >= {r.threshold})")
+    fig.tight_layout()
+    return fig
+
+
+@plotter("comparison")
+def comparison(r, ax=None):
+    """Decodability by relative depth within each part, one line per model."""
+    import pandas as pd
+
+    fig, ax = _axes(ax, (7, 3))
+    df = pd.DataFrame(list(r.records))
+    df = df[df.part.notna()]
+    offset = {"vision": 0.0, "connector": 1.1, "lm": 1.6}
+    for (model, metric), sub in df.groupby(["model", "metric"]):
+        xs = [offset.get(p, 0) + d for p, d in zip(sub.part, sub.depth)]
+        ax.plot(xs, sub.value, "o-", label=f"{model}: {metric}")
+    for part, x0 in offset.items():
+        ax.text(x0 + 0.3, 1.03, part, fontsize=8)
+    ax.set_xticks([])
+    ax.set_ylim(0, 1.1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def patch_words(image: np.ndarray | None, words: list[list[str]], probs=None, ax=None, title: str = ""):
     """Words drawn over the image's patch grid (the per-patch lens), shaded by probability."""
     rows, cols = len(words), len(words[0])
