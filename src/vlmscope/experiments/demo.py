@@ -52,7 +52,27 @@ def _stage_lens(vlm, out: Path, seed: int) -> dict:
     words, probs = result.patch_map(result.layers[best], example=0)
     patch_words(render(ex.scene), words, probs, title=f"logit lens at layer {result.layers[best]}, each patch") \
         .savefig(folder / "figure-patch-words.png", dpi=110)
+    from vlmscope.methods.lens import logit_lens, train_tuned_lens
+
+    train = [truth.inputs_for(vlm, truth.examples(seed + 100 + i, 60)) for i in range(4)]
+    tuned = train_tuned_lens(vlm, train, steps=150, lr=3e-3)
+    tuned.save(folder / "tuned-lens")
+    held = truth.inputs_for(vlm, truth.examples(seed + 200, 60))
+    kl_logit = logit_lens(vlm, held).kl_to_final.mean(dim=(1, 2))
+    kl_tuned = logit_lens(vlm, held, tuned=tuned).kl_to_final.mean(dim=(1, 2))
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(result.layers, kl_logit.numpy(), "o-", label="logit lens")
+    ax.plot(result.layers, kl_tuned.numpy(), "s-", label="tuned lens")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL(final || lens), nats")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "figure-tuned-kl.png", dpi=110)
     scores = {"lens: object patch names its object (best layer)": acc["object patch names its object"][best],
+              "tuned lens: mean KL to the final layer": float(kl_tuned[:-1].mean()),
+              "logit lens: mean KL to the final layer": float(kl_logit[:-1].mean()),
               "lens: background baseline at that layer": acc["background patch names a scene object"][best],
               "lens: best layer": result.layers[best]}
     _write_scores(folder, {**scores, **{k: v for k, v in acc.items()}})
