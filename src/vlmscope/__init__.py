@@ -21,6 +21,16 @@ from vlmscope.model.vlm import VLM
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """`vs.zoo` and `vs.methods` load on first use (they import the shapes world and more)."""
+    if name in ("zoo", "methods", "experiments", "data"):
+        import importlib
+
+        return importlib.import_module(f"vlmscope.{name}")
+    raise AttributeError(f"module 'vlmscope' has no attribute {name!r}")
+
+
 __all__ = [
     "VLM",
     "Cache",
