@@ -112,7 +112,10 @@ def _stage_patching(vlm, out: Path, seed: int) -> dict:
 def _stage_sae(vlm, out: Path, seed: int) -> dict:
     import matplotlib.pyplot as plt
 
+    import shutil
+
     folder = out / "sae"
+    shutil.rmtree(folder / "training", ignore_errors=True)  # the demo trains afresh each time
     sae, colour_f1, shape_f1, scores = grounded.sae_concepts(vlm, seed=seed, out_dir=folder / "training")
     colour_f1.save(folder / "colour-f1")
     shape_f1.save(folder / "shape-f1")
@@ -122,7 +125,7 @@ def _stage_sae(vlm, out: Path, seed: int) -> dict:
     fig.tight_layout()
     fig.savefig(folder / "figure-concept-f1.png", dpi=110)
     _write_scores(folder, scores)
-    return scores
+    return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
 
 
 STAGES: dict[str, tuple[str, Callable]] = {

@@ -209,13 +209,14 @@ def _answer_logit(answers: torch.Tensor):
     return answer_logit
 
 
-def sae_concepts(vlm, site: str = "connector.out", n: int = 1500, seed: int = 0, architecture: str = "topk",
-                 k: int = 4, d_sae: int = 256, steps: int = 800, out_dir=None):
+def sae_concepts(vlm, site: str | None = None, n: int = 1500, seed: int = 0, architecture: str = "topk",
+                 k: int = 4, d_sae: int = 64, steps: int = 800, out_dir=None):
     """Train an SAE on `site` at image patches of zoo scenes, then ask: for each colour and shape,
     does one feature fire exactly on the patches of objects with that concept? Background
     patches count as negatives. Returns (sae, colour F1, shape F1, scores)."""
     from vlmscope.methods.sae import SAESpec, TensorSource, TrainConfig, concept_f1, train_saes
 
+    site = site or vlm.sites("vision.blocks.*.resid_post")[-1]  # default: the last vision block
     exs = truth.examples(seed, n)
     rows, colours, shapes = [], [], []
     for b in range(0, n, 100):
@@ -239,9 +240,10 @@ def sae_concepts(vlm, site: str = "connector.out", n: int = 1500, seed: int = 0,
         h = sae.encode(acts[split:])
     colour_f1 = concept_f1(colours[split:], h, {c: i for i, c in enumerate(COLOURS)}, levels=8)
     shape_f1 = concept_f1(shapes[split:], h, {s: i for i, s in enumerate(SHAPES)}, levels=8)
-    scores = {"score": float(colour_f1.best_f1.mean()),
+    scores = {"site": site, "score": float(colour_f1.best_f1.mean()),
               "mean best-feature F1, colours": float(colour_f1.best_f1.mean()),
               "mean best-feature F1, shapes": float(shape_f1.best_f1.mean()),
               "colours with F1 >= 0.8": int((colour_f1.best_f1 >= 0.8).sum()),
-              "shapes with F1 >= 0.8": int((shape_f1.best_f1 >= 0.8).sum())}
+              "shapes with F1 >= 0.8": int((shape_f1.best_f1 >= 0.8).sum()),
+              "concepts no feature captures (F1 < 0.8)": ", ".join(colour_f1.uncaptured + shape_f1.uncaptured)}
     return sae, colour_f1, shape_f1, scores

@@ -162,11 +162,13 @@ def _reading(key: str, root: Path) -> str:
                 f"leaves {ko.get('accuracy, image->text blocked outside the window', float('nan')):.0%}.")
     if key == "sae":
         sc = _scores(root, "sae")
-        return (f"A TopK sparse autoencoder trained on the connector's outputs at image patches. For each colour, the "
+        return (f"A TopK sparse autoencoder trained on {sc.get('site', 'the vision tower')} at image patches. For each "
+                f"colour, the "
                 f"best single feature detects the patches of objects of that colour with mean F1 "
                 f"{sc.get('mean best-feature F1, colours', float('nan')):.2f} ({sc.get('colours with F1 >= 0.8', 0)} of 6 "
                 f"colours at F1 ≥ 0.8); for shapes the mean is {sc.get('mean best-feature F1, shapes', float('nan')):.2f} "
-                f"({sc.get('shapes with F1 >= 0.8', 0)} of 5). Concepts with low F1 are not captured by any one feature.")
+                f"({sc.get('shapes with F1 >= 0.8', 0)} of 5). No single feature captures: "
+                f"{sc.get('concepts no feature captures (F1 < 0.8)', '?') or 'none'}.")
     return ""
 
 
