@@ -110,9 +110,9 @@ def _stage_patching(vlm, out: Path, seed: int) -> dict:
 
 
 def _stage_sae(vlm, out: Path, seed: int) -> dict:
-    import matplotlib.pyplot as plt
-
     import shutil
+
+    import matplotlib.pyplot as plt
 
     folder = out / "sae"
     shutil.rmtree(folder / "training", ignore_errors=True)  # the demo trains afresh each time
