@@ -46,6 +46,14 @@ class Stage:
     warmup: int
     floor: float = 0.0  # final lr as a fraction of the peak (cosine)
     snapshots: tuple[int, ...] = ()  # steps within the stage; the stage's last step is always kept
+    # (at, total): from step `at` on, the cosine is re-planned to end at `total` steps instead of
+    # `steps` (the shipped model's schedule: its relation questions needed the learning rate back up)
+    replan: tuple[int, int] | None = None
+
+    @property
+    def total(self) -> int:
+        """Steps the stage runs (unless early stopping ends it first)."""
+        return self.replan[1] if self.replan else self.steps
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,8 @@ class TrainConfig:
         Stage("vision", ("vision",), 500, 64, 2e-3, 50, snapshots=(100,)),
         Stage("align", ("projector",), 300, 32, 1e-3, 30),
         Stage("instruct", ("projector", "lm"), 18_000, 32, 1e-3, 200, floor=0.02,
-              snapshots=(1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000)),
+              snapshots=(1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000),
+              replan=(17_000, 32_000)),
     )
     hard_fraction: float = 0.75  # share of the binding curriculum in instruction batches ...
     hard_ramp: int = 3000  # ... reached linearly over these first steps (from 0: the easy scenes teach
@@ -89,12 +98,13 @@ def lr_at(stage: Stage, step: int) -> float:
     """Linear warm-up, then cosine from the peak down to floor * peak at the stage's last step."""
     if step < stage.warmup:
         return stage.lr * (step + 1) / stage.warmup
-    t = (step - stage.warmup) / max(1, stage.steps - stage.warmup)
+    horizon = stage.steps if stage.replan is None or step < stage.replan[0] else stage.replan[1]
+    t = (step - stage.warmup) / max(1, horizon - stage.warmup)
     return stage.lr * (stage.floor + (1 - stage.floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
 def global_step(cfg: TrainConfig, stage: int, step: int) -> int:
-    return sum(s.steps for s in cfg.stages[:stage]) + step
+    return sum(s.total for s in cfg.stages[:stage]) + step
 
 
 def _loss(model, heads, stage: Stage, step: int, rng: np.random.Generator, weights: dict[str, float],
@@ -162,8 +172,8 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
             ck.load_optimizer(opt, ck.split_prefix(saved, "optim"), groups)
         saved = None
         model.train()
-        bar = tqdm(range(prog.step, stage.steps), desc=f"{NAME} {stage.name}", initial=prog.step,
-                   total=stage.steps, disable=not progress_bar, mininterval=10)
+        bar = tqdm(range(prog.step, stage.total), desc=f"{NAME} {stage.name}", initial=prog.step,
+                   total=stage.total, disable=not progress_bar, mininterval=10)
         t0, stop = time.perf_counter(), False
         for step in bar:
             if halt_at is not None and global_step(cfg, prog.stage, step) >= halt_at:
@@ -178,13 +188,13 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
             opt.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             done = step + 1
-            if stage.name == "instruct" and (done % cfg.eval_every == 0 or done == stage.steps):
+            if stage.name == "instruct" and (done % cfg.eval_every == 0 or done == stage.total):
                 prog.accuracy = accuracy(model, standard_examples(cfg.val_seed, cfg.eval_n))
                 prog.history.append({"step": global_step(cfg, prog.stage, done), "accuracy": prog.accuracy})
                 stop = min(prog.accuracy.values()) >= cfg.stop_at
                 bar.write(f"step {done}: " + " ".join(f"{k} {v:.2f}" for k, v in prog.accuracy.items()))
                 model.train()
-            if done in stage.snapshots or done == stage.steps or stop:
+            if done in stage.snapshots or done == stage.total or stop:
                 _snapshot(out, cfg, model, prog.stage, done)
             now = time.perf_counter()
             prog.elapsed_s += now - t0
@@ -192,7 +202,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
             t0 = now
             if stop:
                 break
-            if done % cfg.save_every == 0 and done < stage.steps:
+            if done % cfg.save_every == 0 and done < stage.total:
                 prog.step = done
                 _save_state(out, model, heads, opt, prog)
         bar.close()
@@ -226,6 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None,
                         help="instruction-tuning steps (default: the recipe's)")
+    parser.add_argument("--halt-at", type=int, default=None,
+                        help="stop before this global step, as a kill would (resume later, e.g. with other --steps)")
 
 
 def run(args: argparse.Namespace) -> Progress:
@@ -233,10 +245,10 @@ def run(args: argparse.Namespace) -> Progress:
     torch.set_num_threads(1)
     cfg = TrainConfig(seed=args.seed)
     if args.steps is not None:
-        last = replace(cfg.stages[-1], steps=args.steps, snapshots=tuple(s for s in cfg.stages[-1].snapshots
-                                                                         if s < args.steps))
+        last = replace(cfg.stages[-1], steps=args.steps, replan=None,
+                       snapshots=tuple(s for s in cfg.stages[-1].snapshots if s < args.steps))
         cfg = replace(cfg, stages=(*cfg.stages[:-1], last))
-    prog = train(args.out, cfg)
+    prog = train(args.out, cfg, halt_at=args.halt_at)
     print(json.dumps({"done": prog.done, "elapsed_s": round(prog.elapsed_s, 1), "accuracy": prog.accuracy}))
     return prog
 
