@@ -77,3 +77,20 @@ def test_probe_save_load_round_trip(tmp_path):
     assert torch.equal(back.weight, r.weight) and torch.equal(back.predict(x), r.predict(x))
     df = back.to_dataframe()
     assert list(df.probe) == ["a", "b", "c"] and df.score.tolist() == pytest.approx(r.score.tolist())
+
+
+def test_probe_sites_on_pooled_positions_of_the_zoo_model():
+    from vlmscope import zoo
+    from vlmscope.methods.probing import probe_sites
+    from vlmscope.zoo import truth
+
+    if "shapes-llava" not in zoo.names():
+        pytest.skip("shapes-llava not exported")
+    m = zoo.load("shapes-llava")
+    exs = truth.examples(seed=21, n=300, family="colour")
+    x = truth.inputs_for(m, exs)
+    answers = truth.answer_ids(m, exs)
+    r = probe_sites(m, x, answers, m.sites("lm.blocks.*.resid_post"), select="last", target="answer")
+    assert r.score[-1] >= 0.95  # the answer is decodable at the last token of the last layer
+    pooled = probe_sites(m, x, answers, ["connector.out"], select="mean:image", target="answer")
+    assert pooled.score.shape == (1,)

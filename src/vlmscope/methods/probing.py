@@ -339,3 +339,17 @@ def patch_probe_grid(vlm, inputs: Mapping, labels: torch.Tensor, site: str,
     for (r, c), s in zip(cells, result.score):
         grid[r, c] = s
     return grid, result
+
+
+def probe_sites(vlm, inputs: Mapping, labels: torch.Tensor, sites: Sequence[str], select: str = "last",
+                config: ProbeConfig | None = None, target: str = "label") -> ProbeResult:
+    """One probe per site on one vector per example: `select` = "last" (the last token), "mean:image"
+    (the mean over image tokens: patches, tiles or Q-Former queries alike), "mean:text", or any
+    position spec picking one position per row. labels: (batch,) per-example targets."""
+    from vlmscope.methods.similarity import site_representations
+
+    reps = site_representations(vlm, inputs, sites, positions=select)
+    widths = {t.shape[-1] for t in reps.values()}
+    if len(widths) != 1:
+        raise ValueError(f"sites {list(sites)} have different widths {sorted(widths)}; probe them in separate calls")
+    return fit_probes(reps, labels, config, target=target)
