@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmscope.methods.sae.cli import add_parser as add_sae
 
     add_sae(sub)
+    from vlmscope.methods.explain.cli import add_parser as add_explain
+
+    add_explain(sub)
     try:
         from vlmscope.zoo.cli import add_parser as add_zoo
     except ImportError:

@@ -117,6 +117,7 @@ def _stage_sae(vlm, out: Path, seed: int) -> dict:
     folder = out / "sae"
     shutil.rmtree(folder / "training", ignore_errors=True)  # the demo trains afresh each time
     sae, colour_f1, shape_f1, scores = grounded.sae_concepts(vlm, seed=seed, out_dir=folder / "training")
+    _SAE_FOR_EXPLAIN[id(vlm)] = (sae, scores["site"])
     colour_f1.save(folder / "colour-f1")
     shape_f1.save(folder / "shape-f1")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
@@ -128,11 +129,44 @@ def _stage_sae(vlm, out: Path, seed: int) -> dict:
     return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
 
 
+_SAE_FOR_EXPLAIN: dict[int, tuple] = {}  # the SAE stage hands its SAE to the explanation stage
+
+
+def _stage_explain(vlm, out: Path, seed: int) -> dict:
+    from vlmscope.data import COLOURS, FAMILIES, SHAPES
+    from vlmscope.data.vocab import answer_words
+    from vlmscope.methods.explain.word_match import neuron_directions, vlm_word_match
+    from vlmscope.methods.explain.zoo import explain_sae_features
+
+    folder = out / "explain"
+    folder.mkdir(parents=True, exist_ok=True)
+    if id(vlm) not in _SAE_FOR_EXPLAIN:
+        sae, _, _, s = grounded.sae_concepts(vlm, seed=seed)
+        site = s["site"]
+    else:
+        sae, site = _SAE_FOR_EXPLAIN[id(vlm)]
+    explained, scores = explain_sae_features(vlm, sae, site, n_features=30, n=200, seed=seed)
+    explained.save(folder / "features")
+    explained.plot().savefig(folder / "figure-verification.png", dpi=110)
+    # word matching: the answer words each of the last LM block's first neurons writes (unembedding)
+    last = vlm.n_layers("lm") - 1
+    answers = sorted({w for f in FAMILIES for w in answer_words(f)} | set(COLOURS) | set(SHAPES))
+    words = vlm_word_match(vlm, neuron_directions(vlm, last, range(16)), k=3, keep=answers,
+                           labels=[f"lm.blocks.{last}.mlp neuron {i}" for i in range(16)])
+    words.save(folder / "word-match")
+    words.plot().savefig(folder / "figure-word-match.png", dpi=110)
+    numeric = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+    numeric["score"] = numeric.get("dissection / verification agreement", float("nan"))
+    _write_scores(folder, numeric)
+    return numeric
+
+
 STAGES: dict[str, tuple[str, Callable]] = {
     "probing": ("Probing", _stage_probing),
     "lens": ("Logit lens", _stage_lens),
     "patching": ("Activation patching", _stage_patching),
     "sae": ("Sparse autoencoders", _stage_sae),
+    "explain": ("Automated explanation", _stage_explain),
 }
 
 

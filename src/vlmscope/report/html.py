@@ -49,6 +49,9 @@ CAPTIONS = {
     "figure-windows.png": "Change in the answer's logit when image→last attention is blocked in a layer window.",
     "figure-tuned-kl.png": "KL divergence from the final layer's distribution, logit lens vs tuned lens (held-out "
                            "scenes).",
+    "figure-verification.png": "SAE features labelled by dissection (IoU with concept masks) and the verdict of the "
+                               "verification loop on controlled scenes.",
+    "figure-word-match.png": "Answer words each MLP neuron of the last LM block writes, by cosine with the unembedding.",
     "figure-concept-f1.png": "For each colour and shape, the F1 of the single SAE feature that best detects "
                              "patches of objects with it.",
 }
@@ -110,12 +113,12 @@ def scorecard(root: Path) -> list[dict]:
         ko.get("chance (majority answer per family)", float("nan"))
     rows.append(_row("attention knockout", "blocking image→text in the flow window drops accuracy to chance "
                      "(accuracy − chance)", gap if ko else None, 0.05, higher=False))
-    for key, label, bar in (("sae", "best SAE feature F1 for colour concepts (mean)", 0.8),
-                            ("explain", "explanations verified by controlled images", 0.8)):
+    for key, family, label, bar in (
+            ("sae", "sparse autoencoders", "best SAE feature F1 for colour concepts (mean)", 0.8),
+            ("explain", "automated explanation", "dissection labels that the verification loop confirms", 0.8)):
         s = _scores(root, key)
         if s:
-            rows.append(_row(label.split()[0] if key == "explain" else "sparse autoencoders", label,
-                             s.get("score"), bar))
+            rows.append(_row(family, label, s.get("score"), bar))
     return rows
 
 
@@ -160,6 +163,19 @@ def _reading(key: str, root: Path) -> str:
                 f"{ko.get('accuracy, image->text blocked in the window', float('nan')):.0%} (chance "
                 f"{ko.get('chance (majority answer per family)', float('nan')):.0%}); blocking it everywhere else "
                 f"leaves {ko.get('accuracy, image->text blocked outside the window', float('nan')):.0%}.")
+    if key == "explain":
+        sc = _scores(root, "explain")
+        return (f"SAE features explained three ways. Dissection (Bau et al. 2017) labels each frequent feature with the "
+                f"concept whose patch mask its activation map overlaps most ({int(sc.get('features examined', 0))} "
+                f"examined, {int(sc.get('features labelled (IoU >= 0.04)', 0))} labelled, mean best IoU "
+                f"{sc.get('mean best IoU', float('nan')):.2f}); simulation (Bills et al. 2023) predicts activations "
+                f"from the label alone (mean correlation {sc.get('mean simulation correlation', float('nan')):.2f}); "
+                f"the verification loop then renders controlled scenes varying one attribute at a time: "
+                f"{int(sc.get('verdict: holds', 0))} labels hold, {int(sc.get('verdict: too broad', 0))} are too "
+                f"broad, {int(sc.get('verdict: too narrow', 0))} too narrow, "
+                f"{int(sc.get('verdict: does not hold', 0))} do not hold — agreement "
+                f"{sc.get('dissection / verification agreement', float('nan')):.2f}. Word matching reads which "
+                "answer words the last block's neurons write into the unembedding.")
     if key == "sae":
         sc = _scores(root, "sae")
         return (f"A TopK sparse autoencoder trained on {sc.get('site', 'the vision tower')} at image patches. For each "

@@ -276,3 +276,118 @@ def concept_f1(r, ax=None):
     ax.set_ylabel("best feature F1")
     fig.tight_layout()
     return fig
+
+
+# --- automated explanation (vlmscope.methods.explain) -----------------------------------------------
+
+
+@plotter("word_match")
+def word_match(r, direction: int = 0, ax=None):
+    """One direction's most aligned words by cosine."""
+    fig, ax = _axes(ax, (4, 3))
+    words = list(r.top_words[direction])[::-1]
+    ax.barh(range(len(words)), r.top_cosine[direction].numpy()[::-1])
+    ax.set_yticks(range(len(words)), words, fontsize=8)
+    ax.set_xlabel(f"cosine with {r.matrix} embeddings")
+    ax.set_title(r.labels[direction], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("splice")
+def splice(r, image: int = 0, k: int = 8, ax=None):
+    """One image's largest SpLiCE concept weights."""
+    fig, ax = _axes(ax, (4, 3))
+    top = r.top(image, k)[::-1]
+    ax.barh(range(len(top)), [w for _, w in top])
+    ax.set_yticks(range(len(top)), [c for c, _ in top], fontsize=8)
+    ax.set_xlabel("weight")
+    ax.set_title(f"image {image}: cosine {float(r.cosine[image]):.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("textspan")
+def textspan(r, ax=None):
+    """Cumulative explained variance per head, its first text as the label."""
+    fig, ax = _axes(ax, (5, max(2.5, 0.3 * len(r.heads))))
+    ax.imshow(r.explained.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(r.heads)), [f"{h}: {t[0]}" for h, t in zip(r.heads, r.texts)], fontsize=7)
+    ax.set_xlabel("texts chosen")
+    ax.set_title("TEXTSPAN: explained variance per head", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("head_ablation")
+def head_ablation(r, ax=None):
+    """Zero-shot accuracy drop per attribute for each group of mean-ablated heads."""
+    fig, ax = _axes(ax, (5, 3))
+    x = np.arange(len(r.attributes))
+    groups = r.groups[1:]
+    for i, g in enumerate(groups):
+        ax.bar(x + (i - len(groups) / 2 + 0.5) * 0.8 / max(len(groups), 1), r.drop[i + 1].numpy(),
+               0.8 / max(len(groups), 1), label=g)
+    ax.set_xticks(x, r.attributes)
+    ax.set_ylabel("accuracy drop")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("deactivation")
+def deactivation(r, ax=None):
+    """Hit per (ablated target, evaluated group)."""
+    fig, ax = _axes(ax, (4, 3))
+    im = ax.imshow(r.hit.numpy(), cmap="Reds")
+    ax.set_yticks(range(len(r.targets)), [f"{t} ({n})" for t, n in zip(r.targets, r.n_neurons)], fontsize=8)
+    ax.set_xticks(range(len(r.groups)), r.groups, fontsize=8)
+    ax.set_ylabel("neurons ablated")
+    ax.set_xlabel("evaluated on")
+    fig.colorbar(im, ax=ax, label=r.metric)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("dissection")
+def dissection(r, ax=None):
+    """IoU of each feature with each concept."""
+    fig, ax = _axes(ax, (max(5, 0.25 * len(r.concepts)), max(2.5, 0.25 * len(r.features))))
+    im = ax.imshow(r.iou.numpy(), aspect="auto", cmap="magma", vmin=0)
+    ax.set_xticks(range(len(r.concepts)), r.concepts, rotation=70, fontsize=7)
+    ax.set_yticks(range(len(r.features)), r.features, fontsize=7)
+    fig.colorbar(im, ax=ax, label="IoU")
+    fig.tight_layout()
+    return fig
+
+
+@plotter("verification")
+def verification(r, ax=None):
+    """Firing rate per value of the varied attribute; the explained value in orange."""
+    fig, ax = _axes(ax, (max(4, 0.5 * len(r.values)), 3))
+    explained = r.explanation.split("=")[1]
+    ax.bar(range(len(r.values)), r.fire_rate.numpy(),
+           color=["tab:orange" if v == explained else "tab:blue" for v in r.values])
+    ax.set_xticks(range(len(r.values)), r.values, rotation=45, fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("fires")
+    ax.set_title(f"{r.feature}: {r.explanation} {r.verdict}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("explained_features")
+def explained_features(r, ax=None):
+    """Best dissection IoU against simulation correlation, coloured by verdict."""
+    fig, ax = _axes(ax, (4.5, 3.5))
+    colours = {"holds": "tab:green", "too broad": "tab:orange", "too narrow": "tab:purple", "does not hold": "tab:red"}
+    for v, c in colours.items():
+        idx = [i for i, x in enumerate(r.verdicts) if x == v]
+        if idx:
+            ax.scatter(r.iou[idx].numpy(), r.correlation[idx].numpy(), color=c, label=v, s=14)
+    ax.set_xlabel("best IoU")
+    ax.set_ylabel("simulation correlation")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{r.site}: agreement {r.agreement:.2f}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,51 @@
+"""Automated explanation: what features, heads and neurons mean, each with a number saying how good
+the explanation is (see docs/explain.md).
+
+    from vlmscope.methods import explain
+    explain.vlm_word_match(m, sae.W_dec[[3, 7]])              # words aligned with decoder rows
+    explain.splice(clip, clip.prepare(images, concepts), concepts)   # sparse concepts per image
+    explain.verify(feature_fn, "colour=red")                  # holds / too broad / too narrow
+"""
+
+from vlmscope.methods.explain.concepts import all_concepts, concept_masks, parse
+from vlmscope.methods.explain.describe import (
+    Dissection,
+    LLMDescription,
+    PatchscopeResult,
+    describe_with_llm,
+    dissect,
+    llm_messages,
+    patchscope,
+)
+from vlmscope.methods.explain.neurons import (
+    Deactivation,
+    DomainNeurons,
+    ModalityNeurons,
+    deactivate,
+    domain_neurons,
+    hidden_change,
+    modality_deactivation,
+    modality_neurons,
+)
+from vlmscope.methods.explain.score import ExplanationScores, correlation, score_explanations
+from vlmscope.methods.explain.splice import SpliceResult, nonneg_lasso, splice, splice_decompose
+from vlmscope.methods.explain.textspan import (
+    HeadAblation,
+    HeadContributions,
+    TextSpanResult,
+    head_ablation,
+    head_contributions,
+    textspan,
+)
+from vlmscope.methods.explain.verify import Verification, judge, verify, verify_many
+from vlmscope.methods.explain.word_match import WordMatch, neuron_directions, vlm_word_match, word_match
+
+__all__ = [
+    "Deactivation", "Dissection", "DomainNeurons", "ExplanationScores", "HeadAblation", "HeadContributions",
+    "LLMDescription", "ModalityNeurons", "PatchscopeResult", "SpliceResult", "TextSpanResult", "Verification",
+    "WordMatch", "all_concepts", "concept_masks", "correlation", "deactivate", "describe_with_llm", "dissect",
+    "domain_neurons", "head_ablation", "head_contributions", "hidden_change", "judge", "llm_messages",
+    "modality_deactivation", "modality_neurons", "neuron_directions", "nonneg_lasso", "parse", "patchscope",
+    "score_explanations", "splice", "splice_decompose", "textspan", "verify", "verify_many", "vlm_word_match",
+    "word_match",
+]

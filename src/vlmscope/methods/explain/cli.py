@@ -1,0 +1,106 @@
+"""`vlmscope explain features | neurons | words`: automated explanation from the command line.
+
+    vlmscope explain features --model shapes-llava --sae DIR --site connector.out --out OUT
+    vlmscope explain neurons --model shapes-llava --out OUT
+    vlmscope explain words --model shapes-llava --sae DIR --feature 3 --feature 7
+
+Results are saved as result folders under --out (`vlmscope report` draws them); a summary is
+printed. Everything runs offline; `--llm-url` (off by default) sends each feature's evidence to an
+OpenAI-compatible endpoint and prints the prompt it sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add `explain features | neurons | words` to the main CLI's subparsers; each sets `func(args) -> int`."""
+    ex = subparsers.add_parser("explain", help="automated explanation of SAE features, neurons and words")
+    sub = ex.add_subparsers(dest="explain_command", required=True)
+    f = sub.add_parser("features", help="dissection labels, simulation scores and verification of SAE features")
+    f.add_argument("--model", default="shapes-llava", help="zoo name or local folder")
+    f.add_argument("--sae", required=True, help="an SAE folder (save_sae / SAELens)")
+    f.add_argument("--site", default=None, help="default: the SAE's own site")
+    f.add_argument("--n-features", type=int, default=50)
+    f.add_argument("--examples", type=int, default=300)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--llm-url", default=None, help="OpenAI-compatible endpoint for an LLM description (off)")
+    f.add_argument("--llm-model", default="gpt-4o-mini")
+    f.add_argument("--out", default=None)
+    f.set_defaults(func=cmd_features)
+    n = sub.add_parser("neurons", help="domain-specific LM neurons and their deactivation")
+    n.add_argument("--model", default="shapes-llava")
+    n.add_argument("--examples", type=int, default=120)
+    n.add_argument("--top-fraction", type=float, default=0.01)
+    n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--out", default=None)
+    n.set_defaults(func=cmd_neurons)
+    w = sub.add_parser("words", help="vocabulary words aligned with SAE decoder rows")
+    w.add_argument("--model", default="shapes-llava")
+    w.add_argument("--sae", required=True)
+    w.add_argument("--feature", type=int, action="append", required=True, help="repeatable")
+    w.add_argument("--matrix", choices=["input", "unembedding"], default="unembedding")
+    w.add_argument("--k", type=int, default=8)
+    w.set_defaults(func=cmd_words)
+    return ex
+
+
+def _model(name: str):
+    import vlmscope as vs
+
+    return vs.load(name if (":" in name or "/" in name or "." in name) else f"zoo:{name}")
+
+
+def _save(result, out: str | None, name: str) -> None:
+    if out:
+        print(f"saved {result.save(Path(out) / name)}")
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.zoo import explain_sae_features
+    from vlmscope.methods.sae import load_sae
+
+    m, sae = _model(args.model), load_sae(args.sae)
+    site = args.site or sae.cfg.site
+    res, scores = explain_sae_features(m, sae, site, n_features=args.n_features, n=args.examples, seed=args.seed)
+    print(res.to_dataframe().to_string(index=False))
+    print(json.dumps(scores, indent=1))
+    _save(res, args.out, "explained_features")
+    if args.llm_url:
+        from vlmscope.methods.explain.describe import describe_with_llm, llm_messages
+
+        for i, lab in enumerate(res.labels):
+            evidence = {"feature": int(res.features[i]), "site": site, "dissection label": lab,
+                        "best IoU": round(float(res.iou[i]), 3), "verification": res.verdicts[i],
+                        "detail": res.details[i]}
+            print("sending:", llm_messages(evidence)[-1]["content"])
+            d = describe_with_llm(evidence, args.llm_url, args.llm_model)
+            print(f"latent {int(res.features[i])}: {d.description}")
+    return 0
+
+
+def cmd_neurons(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.zoo import zoo_domain_neurons
+
+    dn, effects, scores = zoo_domain_neurons(_model(args.model), n=args.examples, seed=args.seed,
+                                             top_fraction=args.top_fraction)
+    print(dn)
+    print(json.dumps(scores, indent=1))
+    _save(dn, args.out, "domain_neurons")
+    for name, eff in effects.items():
+        _save(eff, args.out, f"deactivation_{name}")
+    return 0
+
+
+def cmd_words(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.word_match import vlm_word_match
+    from vlmscope.methods.sae import load_sae
+
+    m, sae = _model(args.model), load_sae(args.sae)
+    res = vlm_word_match(m, sae.W_dec.detach()[args.feature], matrix=args.matrix, k=args.k,
+                         labels=[f"latent {f}" for f in args.feature])
+    print(res.to_dataframe().to_string(index=False))
+    return 0

@@ -1,0 +1,241 @@
+"""Domain- and modality-specific neurons, with deactivation experiments.
+
+- Domain-specific neurons (MMNeuron, Huo et al. 2024): a neuron's activation probability in each
+  domain, normalised over domains; neurons whose distribution has low entropy are specific to
+  the domain where they fire most. MMNeuron counts a neuron as active when it is > 0 (after a
+  ReLU-like activation); gated MLPs (SiLU · up) have no such zero, so by default a neuron "fires"
+  when it exceeds its own `quantile` over all domains' tokens (fire="positive" gives the paper's rule).
+- Modality-specific neurons (MINER, Huang et al. 2024): a neuron's importance for image and for
+  text tokens (mean |activation| over each modality's positions, each relative to its layer's
+  average); the log ratio ranks image- and text-specific neurons.
+- `deactivate`: zero-ablate each selected set (`vlmscope.ablate(site, neurons=...)`) and measure
+  how hard each group (domain, modality) is hit; the targeted group should be hit hardest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmscope.errors import InputError
+from vlmscope.model.interventions import ablate
+from vlmscope.results import Result, long_frame
+
+
+def _acts(vlm, inputs, sites, positions) -> dict[str, torch.Tensor]:
+    """site -> (rows, neurons) activations at the selected positions."""
+    names = vlm._resolve(sites)
+    _, cache = vlm.run_with_cache(inputs, names)
+    mask = None
+    out = {}
+    for s in names:
+        if mask is None:
+            mask = vlm.select(inputs, positions, stream=vlm.site(s).stream)
+        out[s] = cache[s][mask].float()
+    return out
+
+
+@dataclass(frozen=True, repr=False)
+class DomainNeurons(Result):
+    """Activation probability per (site, neuron, domain), its entropy over domains, and the selected
+    low-entropy neurons with the domain each is specific to."""
+
+    kind = "domain_neurons"
+    sites: tuple[str, ...]
+    domains: tuple[str, ...]
+    prob: torch.Tensor  # (site, neuron, domain)
+    entropy: torch.Tensor  # (site, neuron), nats; log(len(domains)) = uniform
+    selected_site: torch.Tensor  # (k,) index into sites
+    selected_neuron: torch.Tensor  # (k,)
+    selected_domain: torch.Tensor  # (k,) index into domains
+    fire: str
+
+    def __repr__(self) -> str:
+        counts = {d: int((self.selected_domain == i).sum()) for i, d in enumerate(self.domains)}
+        return f"DomainNeurons({len(self.sites)} sites, selected per domain {counts})"
+
+    def neurons_for(self, domain: str) -> dict[str, list[int]]:
+        """site -> neurons specific to `domain` (for `deactivate`)."""
+        d = self.domains.index(domain)
+        out: dict[str, list[int]] = {}
+        for s, n, dd in zip(self.selected_site.tolist(), self.selected_neuron.tolist(),
+                            self.selected_domain.tolist()):
+            if dd == d:
+                out.setdefault(self.sites[s], []).append(n)
+        return out
+
+    def to_dataframe(self):
+        """One row per selected neuron: site, neuron, domain, entropy, probability per domain."""
+        import pandas as pd
+
+        rows = []
+        for s, n, d in zip(self.selected_site.tolist(), self.selected_neuron.tolist(), self.selected_domain.tolist()):
+            row = {"site": self.sites[s], "neuron": n, "domain": self.domains[d], "entropy": float(self.entropy[s, n])}
+            row.update({f"p_{dom}": float(self.prob[s, n, j]) for j, dom in enumerate(self.domains)})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+
+def entropy_selection(prob: torch.Tensor, top_fraction: float, tiebreak: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy over domains of (site, neuron, domain) probabilities normalised per neuron; per
+    domain, the top_fraction of all neurons with the lowest entropy among those firing most in that
+    domain (neurons that never fire are skipped; equal entropies go to the larger `tiebreak`,
+    (site, neuron)). Returns (entropy, flat indices, their domain)."""
+    total = prob.sum(-1, keepdim=True)
+    q = prob / total.clamp_min(1e-12)
+    ent = -(q * q.clamp_min(1e-12).log()).sum(-1)  # (site, neuron)
+    ent = torch.where(total[..., 0] > 0, ent, torch.full_like(ent, float("inf")))
+    k = max(1, int(round(top_fraction * ent.numel())))
+    flat_ent, owner = ent.flatten(), prob.flatten(0, 1).argmax(-1)
+    picks, domains = [], []
+    for d in range(prob.shape[-1]):
+        cand = torch.where(owner == d, flat_ent, torch.full_like(flat_ent, float("inf")))
+        order = torch.arange(len(cand)) if tiebreak is None else (-tiebreak.flatten()).argsort()
+        idx = order[cand[order].round(decimals=6).argsort(stable=True)][:k]
+        idx = idx[cand[idx].isfinite()]
+        picks.append(idx)
+        domains.append(torch.full_like(idx, d))
+    return ent, torch.cat(picks), torch.cat(domains)
+
+
+def domain_neurons(vlm, inputs_by_domain: Mapping[str, Mapping[str, Any]], sites: str | Sequence[str] =
+                   "lm.blocks.*.mlp.post", positions="image", top_fraction: float = 0.01, quantile: float = 0.9,
+                   fire: str = "quantile") -> DomainNeurons:
+    """MMNeuron's domain-specific neurons among `sites` (activations at `positions` of each domain's inputs)."""
+    if fire not in ("quantile", "positive"):
+        raise InputError(f"unknown firing rule {fire!r}; valid: 'quantile', 'positive'")
+    if len(inputs_by_domain) < 2:
+        raise InputError("domain-specific neurons need at least two domains")
+    acts = {d: _acts(vlm, x, sites, positions) for d, x in inputs_by_domain.items()}
+    names = list(next(iter(acts.values())))
+    probs, gaps = [], []
+    for s in names:
+        per = [acts[d][s] for d in inputs_by_domain]  # each (rows, neuron)
+        if fire == "quantile":
+            pooled = torch.cat(per)
+            k = max(1, int(quantile * pooled.shape[0]))
+            thr = pooled.kthvalue(k, dim=0).values  # (neuron,)
+        else:
+            thr = torch.zeros(per[0].shape[-1])
+        probs.append(torch.stack([(a > thr).float().mean(0) for a in per], -1))  # (neuron, domain)
+        means = torch.stack([a.mean(0) for a in per], -1)  # (neuron, domain)
+        gaps.append((means.max(-1).values - means.median(-1).values) / (torch.cat(per).std(0) + 1e-6))
+    prob = torch.stack(probs)  # (site, neuron, domain)
+    ent, flat, dom = entropy_selection(prob, top_fraction, torch.stack(gaps))
+    n = prob.shape[1]
+    return DomainNeurons(tuple(names), tuple(inputs_by_domain), prob, ent, flat // n, flat % n, dom, fire)
+
+
+@dataclass(frozen=True, repr=False)
+class ModalityNeurons(Result):
+    """Importance of each neuron for image and text tokens, and the most specific neurons of each."""
+
+    kind = "modality_neurons"
+    sites: tuple[str, ...]
+    importance: torch.Tensor  # (site, neuron, 2): image, text (relative to the layer's mean)
+    specificity: torch.Tensor  # (site, neuron): log(image / text) importance
+    image_neurons: torch.Tensor  # (k, 2) rows of (site index, neuron)
+    text_neurons: torch.Tensor  # (k, 2)
+
+    def neurons_for(self, modality: str) -> dict[str, list[int]]:
+        if modality not in ("image", "text"):
+            raise InputError(f"unknown modality {modality!r}; valid: 'image', 'text'")
+        out: dict[str, list[int]] = {}
+        for s, n in (self.image_neurons if modality == "image" else self.text_neurons).tolist():
+            out.setdefault(self.sites[s], []).append(n)
+        return out
+
+    def to_dataframe(self):
+        df = long_frame(self.specificity, ("site", "neuron"), {"site": list(self.sites)}, "specificity")
+        df["image_importance"] = self.importance[..., 0].flatten().tolist()
+        df["text_importance"] = self.importance[..., 1].flatten().tolist()
+        return df
+
+
+def modality_neurons(vlm, inputs: Mapping[str, Any], sites: str | Sequence[str] = "lm.blocks.*.mlp.post",
+                     top_fraction: float = 0.01) -> ModalityNeurons:
+    """MINER-style modality-specific neurons: mean |activation| at image vs text positions."""
+    img, txt = _acts(vlm, inputs, sites, "image"), _acts(vlm, inputs, sites, "text")
+    names = list(img)
+    imp = []
+    for s in names:
+        a, b = img[s].abs().mean(0), txt[s].abs().mean(0)  # (neuron,)
+        imp.append(torch.stack([a / a.mean().clamp_min(1e-12), b / b.mean().clamp_min(1e-12)], -1))
+    importance = torch.stack(imp)  # (site, neuron, 2)
+    spec = (importance[..., 0].clamp_min(1e-12) / importance[..., 1].clamp_min(1e-12)).log()
+    k = max(1, int(round(top_fraction * spec.numel())))
+    n = spec.shape[1]
+    pick = lambda flat: torch.stack([flat // n, flat % n], -1)  # noqa: E731
+    return ModalityNeurons(tuple(names), importance, spec, pick(spec.flatten().topk(k).indices),
+                           pick((-spec).flatten().topk(k).indices))
+
+
+@dataclass(frozen=True, repr=False)
+class Deactivation(Result):
+    """How hard each group is hit (`hit`, larger = more damage) when each target's neurons are
+    zero-ablated; `selectivity` compares a target's own group with the others."""
+
+    kind = "deactivation"
+    targets: tuple[str, ...]
+    groups: tuple[str, ...]
+    hit: torch.Tensor  # (target, group)
+    n_neurons: tuple[int, ...]
+    metric: str
+
+    @property
+    def selectivity(self) -> dict[str, float]:
+        """target -> hit on its own group / mean hit on the other groups (for targets that are groups)."""
+        out = {}
+        for t, name in enumerate(self.targets):
+            if name in self.groups:
+                g = self.groups.index(name)
+                others = [float(self.hit[t, j]) for j in range(len(self.groups)) if j != g]
+                mean = sum(others) / max(len(others), 1)
+                own = float(self.hit[t, g])
+                out[name] = own / mean if mean > 0 else float("inf") if own > 0 else float("nan")
+        return out
+
+    def to_dataframe(self):
+        return long_frame(self.hit, ("target", "group"), {"target": list(self.targets),
+                                                          "group": list(self.groups)}, self.metric)
+
+
+def ablations(neurons: Mapping[str, Sequence[int]]) -> list:
+    """Zero-ablation interventions for site -> neurons."""
+    return [ablate(site, neurons=list(ns)) for site, ns in neurons.items() if ns]
+
+
+def deactivate(vlm, inputs_by_group: Mapping[str, Mapping[str, Any]], neuron_sets: Mapping[str, Mapping[str,
+               Sequence[int]]], damage: Callable[[Any, str, Mapping[str, Any], list], float],
+               metric: str = "damage") -> Deactivation:
+    """For each target's neurons (site -> neurons) zero-ablated, `damage(vlm, group, inputs, interventions)`
+    on each group's inputs (it should return 0 for no interventions)."""
+    hit = torch.tensor([[damage(vlm, g, x, ablations(ns)) for g, x in inputs_by_group.items()]
+                        for ns in neuron_sets.values()])
+    return Deactivation(tuple(neuron_sets), tuple(inputs_by_group), hit,
+                        tuple(sum(len(v) for v in ns.values()) for ns in neuron_sets.values()), metric)
+
+
+def hidden_change(site: str | None = None) -> Callable:
+    """A `damage` for modality groups ("image", "text"): the mean relative change ||h' - h|| / ||h||
+    of a residual site (default: the LM's last block output) at the group's positions."""
+    def damage(vlm, group, inputs, interventions) -> float:
+        s = site or f"lm.blocks.{vlm.n_layers('lm') - 1}.resid_post"
+        _, clean = vlm.run_with_cache(inputs, s)
+        _, hurt = vlm.run_with_cache(inputs, s, interventions=interventions)
+        mask = vlm.select(inputs, group, stream=vlm.site(s).stream)
+        a, b = clean[s][mask].float(), hurt[s][mask].float()
+        return float(((b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)).mean())
+    return damage
+
+
+def modality_deactivation(vlm, inputs: Mapping[str, Any], result: ModalityNeurons, site: str | None = None
+                          ) -> Deactivation:
+    """Ablate image- then text-specific neurons; hit = relative change of the final hidden state at
+    image and at text positions."""
+    sets = {m: result.neurons_for(m) for m in ("image", "text")}
+    return deactivate(vlm, {"image": inputs, "text": inputs}, sets, hidden_change(site), "relative hidden change")

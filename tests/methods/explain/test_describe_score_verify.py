@@ -1,0 +1,172 @@
+"""Dissection IoU, simulation scoring, the verification loop, Patchscopes and the LLM describer."""
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+import vlmscope as vs
+from vlmscope import testing as T
+from vlmscope.data.scene import sample_scene
+from vlmscope.errors import InputError
+from vlmscope.methods.explain.concepts import concept_masks, parse
+from vlmscope.methods.explain.describe import (
+    Dissection,
+    LLMDescription,
+    PatchscopeResult,
+    describe_with_llm,
+    dissect,
+    llm_messages,
+    patchscope,
+)
+from vlmscope.methods.explain.score import ExplanationScores, correlation, score_explanations
+from vlmscope.methods.explain.verify import Verification, verify
+from vlmscope.results import Result
+
+
+def test_dissection_iou_on_synthetic_maps(tmp_path):
+    a = torch.zeros(4, 3, 3, dtype=torch.bool)
+    a[:, 0, 0] = True  # concept a: top-left patch of every scene
+    b = torch.zeros(4, 3, 3, dtype=torch.bool)
+    b[:2, 1, :] = True  # concept b: middle row of two scenes
+    maps = torch.stack([a.float() * 5, b.float() + a.float() * 0.5])  # feature 1 also fires weakly on a
+    res = dissect(maps, {"a": a, "b": b}, quantile=0.5, features=["f0", "f1"])
+    # f0: on = a exactly -> IoU(a) = 1, IoU(b) = 0; f1 threshold 0 -> on = a | b: IoU(b) = 6 / 10
+    assert torch.allclose(res.iou, torch.tensor([[1.0, 0.0], [4 / 10, 6 / 10]]))
+    assert res.labels == ("a", "b")
+    quiet = dissect(torch.zeros(1, 4, 3, 3), {"a": a}, quantile=0.5)
+    assert quiet.labels == ("",)  # nothing above threshold: no label
+    back = Result.load(res.save(tmp_path / "d"))
+    assert isinstance(back, Dissection) and torch.equal(back.iou, res.iou) and back.labels == res.labels
+
+
+def test_concept_masks_follow_patch_objects():
+    rng = np.random.default_rng(0)
+    scenes = [sample_scene(rng) for _ in range(5)]
+    masks = concept_masks(scenes)
+    for i, s in enumerate(scenes):
+        for o in s.objects:
+            assert masks[f"colour={o.colour}"][i, o.row, o.col]
+            assert masks[f"cell={o.cell}"][i].sum() >= 1
+        assert masks[f"domain={s.domain}"][i].all()
+    with pytest.raises(InputError, match="colour=red"):
+        parse("color=red")
+
+
+def test_simulation_correlation_closed_form(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(20, 3, 3, generator=g) > 0.7
+    real = 2.0 * mask.float() + 1.0
+    assert correlation(real, mask.float()) == pytest.approx(1.0)
+    noisy = mask.float() + 0.5 * torch.randn(20, 3, 3, generator=g)
+    ref = np.corrcoef(noisy.flatten().numpy(), mask.flatten().float().numpy())[0, 1]
+    assert correlation(noisy, mask.float()) == pytest.approx(ref, abs=1e-6)
+    res = score_explanations(torch.stack([real, -real]), ["x", "x"], {"x": mask}, quantile=0.5)
+    assert res.correlation.tolist() == pytest.approx([1.0, -1.0])
+    assert float(res.precision[0]) == 1.0 and float(res.recall[0]) == 1.0
+    back = Result.load(res.save(tmp_path / "s"))
+    assert isinstance(back, ExplanationScores) and torch.equal(back.correlation, res.correlation)
+
+
+def _patches(m: torch.Tensor) -> torch.Tensor:
+    return m.view(m.shape[0], 3, 24, 3, 24).float().mean((2, 4))  # (n, 3, 3) share of each 24-px patch
+
+
+def red_feature(images):
+    x = torch.from_numpy(np.stack(images)).int()
+    return (_patches((x[..., 0] > 180) & (x[..., 1] < 90) & (x[..., 2] < 90)) > 0.02).float()
+
+
+def object_feature(images):
+    x = torch.from_numpy(np.stack(images)).int()
+    return (_patches(x.max(-1).values - x.min(-1).values > 100) > 0.02).float()
+
+
+def test_verification_verdicts(tmp_path):
+    assert verify(red_feature, "colour=red", n_bases=16).verdict == "holds"
+    broad = verify(object_feature, "colour=red", n_bases=16)
+    assert broad.verdict == "too broad" and "colour=green" in broad.detail
+    assert verify(object_feature, "size=large", n_bases=16).verdict == "too broad"
+    assert verify(red_feature, "shape=circle", n_bases=16).verdict == "does not hold"
+
+    res = verify(_round_red, "colour=red", n_bases=30)
+    assert res.verdict == "too narrow" and "shape" in res.detail
+    back = Result.load(res.save(tmp_path / "v"))
+    assert isinstance(back, Verification) and back.verdict == res.verdict and torch.equal(back.response, res.response)
+
+
+def _round_red(images):
+    """Narrower than "red": fires on patches with >= 200 red pixels, i.e. large red objects of the
+    fuller shapes only, so within red it depends on shape (and size)."""
+    x = torch.from_numpy(np.stack(images)).int()
+    red = (x[..., 0] > 180) & (x[..., 1] < 90) & (x[..., 2] < 90)
+    return (red.view(len(images), 3, 24, 3, 24).sum((2, 4)) >= 200).float()
+
+
+@pytest.fixture(scope="module")
+def llava_words():
+    words = [f"w{i}" for i in range(123)]
+    model = T.tiny_llava(image_token=4)
+    return vs.load(model, T.word_processor(words)), words
+
+
+def test_patchscope_writes_the_vector_at_the_placeholder(llava_words, tmp_path):
+    m, _ = llava_words
+    prompt = "w1 w2 w3 w4"
+    # injecting the residual the model itself computes there changes nothing
+    x = {k: v for k, v in m.tokenizer([prompt], return_tensors="pt").items()}
+    out, cache = m.run_with_cache(x, "lm.blocks.0.resid_post")
+    own = cache["lm.blocks.0.resid_post"][0, 2]
+    res = patchscope(m, own, layer=0, prompt=prompt, placeholder="w2", k=3)
+    probs = out.logits[0, -1].softmax(-1)
+    assert res.top_ids[0].tolist() == probs.topk(3).indices.tolist()
+    other = patchscope(m, torch.randn(2, own.shape[0]) * 10, layer=0, prompt=prompt, placeholder="w2", k=3)
+    assert not torch.allclose(other.top_probs[0], res.top_probs[0])
+    with pytest.raises(InputError, match="placeholder"):
+        patchscope(m, own, layer=0, prompt=prompt, placeholder="w9")
+    back = Result.load(other.save(tmp_path / "p"))
+    assert isinstance(back, PatchscopeResult) and back.top_tokens == other.top_tokens
+
+
+class _Stub(BaseHTTPRequestHandler):
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Stub.seen.append((self.path, body, self.headers.get("Authorization")))
+        reply = {"choices": [{"message": {"role": "assistant", "content": " red objects \n"}}]}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_llm_describer_against_a_local_server(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        evidence = {"dissection": {"colour=red": 0.8}, "top words": ["red", "circle"]}
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        res = describe_with_llm(evidence, url, model="stub", api_key="k")
+    finally:
+        server.shutdown()
+        thread.join()
+    path, body, auth = _Stub.seen[-1]
+    assert path == "/v1/chat/completions" and auth == "Bearer k"
+    assert body["model"] == "stub" and body["messages"] == llm_messages(evidence)
+    assert "colour=red" in body["messages"][-1]["content"]
+    assert res.description == "red objects" and list(res.messages) == body["messages"]
+    back = Result.load(res.save(tmp_path / "llm"))
+    assert isinstance(back, LLMDescription) and back.description == res.description
+    assert back.evidence == evidence
+    with pytest.raises(InputError, match="http"):
+        describe_with_llm(evidence, "127.0.0.1:9")
