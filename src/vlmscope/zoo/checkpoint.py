@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 INDEX = "index.json"
@@ -30,8 +31,7 @@ def write_json_atomic(obj: object, path: Path) -> None:
 
 
 def read_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
+    """The JSON metadata that save_atomic stored in a safetensors file."""
     with safe_open(str(path), framework="pt") as f:
         return json.loads(f.metadata()["json"])
 
@@ -59,7 +59,7 @@ def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 
 def write_snapshot(directory: Path, step: int, stage: str, state: dict[str, torch.Tensor],
                    keys: list[str]) -> None:
-    """Store `keys` of a model state dict in fp16 as step_XXXXX.safetensors and list it in index.json."""
+    """Store `keys` of a model state dict in fp16 as step_<step>.safetensors and list it in index.json."""
     name = f"step_{step:05d}.safetensors"
     save_atomic({k: state[k].to(torch.float16) for k in keys}, directory / name)
     index = read_index(directory)

@@ -17,6 +17,7 @@ to lower the penalty for free. Trained SAEs are saved with the activation normal
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -69,7 +70,7 @@ class StepOut:
     parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class SAE(nn.Module):
+class SAE(nn.Module, metaclass=abc.ABCMeta):
     """Shared parameters, encoder/decoder and decoder-norm handling. Subclasses set `architecture`
     and implement `activate` (inference) and `train_step` (the loss of their paper)."""
 
@@ -119,8 +120,9 @@ class SAE(nn.Module):
             pre = pre * self.W_dec.norm(dim=-1)
         return pre
 
+    @abc.abstractmethod
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(..., d_sae) pre-activations -> latents: the architecture's nonlinearity."""
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d_in) -> (..., d_sae) latents, as at inference (BatchTopK uses its threshold)."""
@@ -136,8 +138,9 @@ class SAE(nn.Module):
         return self.decode(self.encode(x))
 
     # --- training --------------------------------------------------------------------------------
+    @abc.abstractmethod
     def train_step(self, x: torch.Tensor, ctx: LossContext) -> StepOut:
-        raise NotImplementedError
+        """One batch's loss terms and latents; the trainer does the optimiser step."""
 
     def recon_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """‖z − ẑ‖²: squared error summed over the d_in axis, averaged over the batch."""
