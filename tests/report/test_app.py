@@ -295,3 +295,84 @@ def test_a_model_failure_is_reported_and_the_app_keeps_serving(vlm, monkeypatch)
     r = client.post("/api/knockout", json={"image": "scene-1", "question": QUESTION})
     assert r.status_code == 500 and r.json()["detail"].endswith("shape mismatch")
     assert client.post("/api/ask", json={"image": "scene-1", "question": QUESTION}).status_code == 200
+
+
+# --- the SAE feature browser ----------------------------------------------------------------------
+
+SAE_SITE = "vision.blocks.1.resid_post"
+
+
+@pytest.fixture(scope="module")
+def sae():
+    """A random ReLU SAE on the vision tower with every even feature dead."""
+    sae_pkg = pytest.importorskip("vlmscope.methods.sae", reason="the SAE package is not there yet")
+    sae = sae_pkg.build_sae(sae_pkg.SAEConfig("relu", d_in=96, d_sae=64, site=SAE_SITE))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc[::2] = -1e3
+    return sae
+
+
+@pytest.fixture(scope="module")
+def sae_client(vlm, sae):
+    return TestClient(webapp.create_app(vlm, sae))
+
+
+def _reference_maps(vlm, sae, scene, seeds) -> torch.Tensor:
+    """(scene, rows, cols, d_sae) SAE activations read straight from the cache at each patch."""
+    x = vlm.prepare([scene(s) for s in seeds], [QUESTION] * len(seeds))
+    _, cache = vlm.run_with_cache(x, SAE_SITE)
+    pos = vlm.positions(x)[vlm.site(SAE_SITE).stream]
+    h = sae.encode(cache[SAE_SITE].float()).detach()  # (scene, pos, d_sae)
+    out = torch.full((len(seeds), 3, 3, sae.cfg.d_sae), float("nan"))
+    for b, p in (pos.row >= 0).nonzero().tolist():
+        out[b, pos.row[b, p], pos.col[b, p]] = h[b, p]
+    assert not out.isnan().any()
+    return out
+
+
+def test_feature_list_ranks_the_features_that_fire_most(sae_client, vlm, sae, scene):
+    from vlmscope.report.feature_browser import LISTED, SCENE_SEEDS
+
+    got = sae_client.get("/api/features").json()
+    assert (got["site"], got["d_sae"], got["scenes"]) == (SAE_SITE, 64, len(SCENE_SEEDS))
+    freq = (_reference_maps(vlm, sae, scene, SCENE_SEEDS) > 0).float().mean((0, 1, 2))  # (d_sae,)
+    ids = [f["id"] for f in got["features"]]
+    assert len(ids) == LISTED and all(i % 2 == 1 for i in ids)  # the dead (even) features are left out
+    assert np.allclose([f["frequency"] for f in got["features"]], freq[ids].tolist(), atol=1e-6)
+    unlisted = [i for i in range(64) if i not in ids]
+    assert min(freq[ids]) >= max(freq[unlisted])
+    assert all(f["max"] > 0 and (f["label"] == "" or "=" in f["label"]) for f in got["features"])
+
+
+def test_feature_page_shows_its_top_scenes_with_the_activation_at_each_patch(sae_client, vlm, sae, scene):
+    from vlmscope.methods.explain.concepts import all_concepts, concept_masks
+    from vlmscope.methods.explain.describe import dissect
+    from vlmscope.report.feature_browser import ATTRIBUTES, SCENE_SEEDS, TOP, scenes_of
+
+    feature = sae_client.get("/api/features").json()["features"][0]["id"]
+    got = sae_client.get(f"/api/features/{feature}").json()
+    maps = _reference_maps(vlm, sae, scene, SCENE_SEEDS)[..., feature]  # (scene, rows, cols)
+    peak = maps.amax((1, 2))
+    best = peak.argsort(descending=True)[:TOP].tolist()
+    assert (got["id"], got["site"], got["grid"]) == (feature, SAE_SITE, [3, 3])
+    assert [t["seed"] for t in got["top"]] == [SCENE_SEEDS[s] for s in best]
+    assert [t["image"] for t in got["top"]] == [f"scene-{SCENE_SEEDS[s]}" for s in best]
+    for t, s in zip(got["top"], best, strict=True):
+        assert np.allclose(t["map"], maps[s].tolist(), atol=1e-5) and np.isclose(t["act"], float(peak[s]))
+    assert np.isclose(got["max"], float(peak.max())) and np.isclose(got["frequency"], float((maps > 0).float().mean()))
+    masks = concept_masks(scenes_of(SCENE_SEEDS), (3, 3), all_concepts(ATTRIBUTES))
+    assert got["label"] == dissect(maps, masks).labels[0]
+    assert _png(sae_client.get(f"/api/image/{got['top'][0]['image']}")).shape == (72, 72, 3)
+
+
+def test_feature_browser_refuses_what_it_cannot_show(sae_client, client):
+    r = sae_client.get("/api/features/64")
+    assert r.status_code == 404 and "features 0 to 63" in r.json()["detail"]
+    assert sae_client.get("/api/features/-1").status_code == 404
+    assert sae_client.get("/api/features/first").status_code == 422
+    for path in ("/api/features", "/api/features/3"):
+        r = client.get(path)
+        assert r.status_code == 404 and "no SAE loaded" in r.json()["detail"]
+    dead = sae_client.get("/api/features/0").json()  # a dead feature: a page with no scenes
+    assert dead["top"] == [] and dead["frequency"] == 0 and dead["label"] == ""

@@ -39,13 +39,30 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server(vlm):
-    """The app on 127.0.0.1 at a free port, served by uvicorn in a background thread."""
     from vlmscope.report.app import create_app
 
+    yield from _serve(create_app(vlm))
+
+
+@pytest.fixture(scope="module")
+def sae_server(vlm):
+    """The app with a random ReLU SAE on the vision tower (every even feature dead)."""
+    from vlmscope.methods.sae import SAEConfig, build_sae
+    from vlmscope.report.app import create_app
+
+    sae = build_sae(SAEConfig("relu", d_in=96, d_sae=64, site="vision.blocks.1.resid_post"))
+    sae.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sae.b_enc[::2] = -1e3
+    yield from _serve(create_app(vlm, sae))
+
+
+def _serve(app):
+    """The app on 127.0.0.1 at a free port, served by uvicorn in a background thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(vlm), log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -118,6 +135,8 @@ def test_app_in_the_browser(browser, server, vlm, scene, image_file, tmp_path):
     for li, row in enumerate(shown):
         assert row.split()[1] == lens.token(int(lens.top_ids[li, 0, p, 0])), row
     assert "No SAE loaded" in page.inner_text("#sae-features")
+    page.click("#features-panel > summary")
+    page.wait_for_function("document.getElementById('feature-list').textContent.includes('No SAE loaded')")
     _screenshot(page, tmp_path, "app-hover-patch.png")
 
     # the causal-tracing grid: click a cell to read its effect
@@ -152,6 +171,58 @@ def test_app_in_the_browser(browser, server, vlm, scene, image_file, tmp_path):
     page.close()
 
 
+def test_features_in_the_browser(browser, sae_server, tmp_path):
+    """Open the feature browser, click a feature: its top scenes load with a heat cell per patch;
+    and a feature in the hover panel opens its page."""
+    import json
+    import urllib.request
+
+    def api(path):
+        with urllib.request.urlopen(sae_server + path) as r:
+            return json.load(r)
+
+    listed = api("/api/features")["features"]
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    errors = _watch(page)
+    page.goto(sae_server)
+    page.wait_for_function("document.getElementById('image').naturalWidth > 0")
+    page.click("#features-panel > summary")
+    page.wait_for_selector("#feature-list .feature")
+    buttons = page.locator("#feature-list .feature")
+    assert buttons.count() == len(listed) == 24
+    assert buttons.first.get_attribute("data-feature") == str(listed[0]["id"])
+
+    second = listed[1]["id"]
+    want = api(f"/api/features/{second}")
+    page.click(f'.feature[data-feature="{second}"]')
+    page.wait_for_selector("#feature-detail:not([hidden])")
+    page.wait_for_function("[...document.querySelectorAll('#feature-scenes img')].every(i => i.naturalWidth > 0)")
+    assert page.inner_text("#feature-title") == f"Feature {second} at vision.blocks.1.resid_post"
+    cards = page.locator("#feature-scenes .feature-scene")
+    assert cards.count() == len(want["top"]) == 8
+    assert [cards.nth(i).get_attribute("data-seed") for i in range(8)] == [str(t["seed"]) for t in want["top"]]
+    assert page.locator("#feature-scenes .heat > div").count() == 8 * 9
+    shade = page.locator("#feature-scenes .heat").first.evaluate(  # the first scene's hottest patch is opaque-ish
+        "h => Math.max(...[...h.children].map(c => parseFloat(getComputedStyle(c).backgroundColor.split(',')[3])))")
+    assert shade == pytest.approx(0.85, abs=0.01)
+    page.locator("#feature-scenes .feature-scene").first.scroll_into_view_if_needed()
+    _screenshot(page, tmp_path, "app-features.png", full_page=True)
+
+    # a click on a scene opens it above; a feature in the hover panel opens its page
+    cards.first.click()
+    page.wait_for_function(f"document.getElementById('seed').value === '{want['top'][0]['seed']}'")
+    page.fill("#question", QUESTION)
+    page.click("#ask")
+    page.wait_for_selector("#answer-panel:not([hidden])")
+    page.hover('.patch[data-row="0"][data-col="0"]')
+    page.wait_for_selector("#sae-features .bar.link")
+    first = page.locator("#sae-features .bar.link .label").first.inner_text().lstrip("#")
+    page.locator("#sae-features .bar.link").first.click()
+    page.wait_for_function(f"document.getElementById('feature-title').textContent.startsWith('Feature {first} ')")
+    assert errors == [], errors
+    page.close()
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, vlm, monkeypatch_module):
     """A small results folder written by run_demo (lens + patching stages) on the random model."""
@@ -159,7 +230,7 @@ def results(tmp_path_factory, vlm, monkeypatch_module):
     from vlmscope.experiments.demo import run_demo
 
     monkeypatch_module.setattr(zoo, "load", lambda name: vlm)
-    return run_demo(tmp_path_factory.mktemp("results"), stages=("lens", "patching"), progress=False)
+    return run_demo(tmp_path_factory.mktemp("results"), stages=("lens", "patching", "sae"), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +247,12 @@ def test_report_in_the_browser(browser, results, tmp_path):
     page.goto(index.as_uri())
     page.wait_for_load_state("load")
     images = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.alt])")
-    assert len(images) >= 5, images  # entropy, patch words, sweep, AtP sweep, knockout windows
+    assert len(images) >= 7, images  # entropy, patch words, sweep, AtP sweep, knockout windows, SAE
     assert all(complete and width > 0 for complete, width, _ in images), images
     assert page.locator("#scorecard").count() == 1 and page.locator("section#lens").count() == 1
     assert page.locator("section#patching").count() == 1
+    grid = page.locator('section#sae img[alt*="most frequent SAE features"]')
+    assert grid.count() == 1 and grid.evaluate("i => i.naturalHeight") > 1000  # 8 rows of 4 scenes
     _screenshot(page, tmp_path, "report.png", full_page=True)
     assert errors == [], errors
     page.close()

@@ -125,8 +125,25 @@ def _stage_sae(vlm, out: Path, seed: int) -> dict:
     shape_f1.plot(ax=axes[1])
     fig.tight_layout()
     fig.savefig(folder / "figure-concept-f1.png", dpi=110)
-    _write_scores(folder, scores)
+    _feature_grid(vlm, sae, scores["site"], folder, seed)
+    saved = next((folder / "training").glob("*/cfg.json")).parent  # what `vlmscope serve --sae` reads
+    _write_scores(folder, {**scores, "sae folder": str(saved)})
     return {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def _feature_grid(vlm, sae, site: str, folder: Path, seed: int, n: int = 96) -> None:
+    """Feature views of the SAE over n fresh scenes, saved, and the grid of its most frequent
+    features' top scenes with their patch activations drawn over them."""
+    from vlmscope.data import render
+    from vlmscope.methods.sae import feature_views
+    from vlmscope.report.plots import feature_grid
+    from vlmscope.zoo import truth
+
+    examples = truth.examples(seed + 300, n)
+    batches = [truth.inputs_for(vlm, examples[i:i + 32]) for i in range(0, n, 32)]
+    views = feature_views(sae, vlm, batches, site=site, positions="image", top=4)
+    views.save(folder / "feature-views")
+    feature_grid(views, [render(e.scene) for e in examples]).savefig(folder / "figure-feature-grid.png", dpi=110)
 
 
 _SAE_FOR_EXPLAIN: dict[int, tuple] = {}  # the SAE stage hands its SAE to the explanation stage

@@ -1,6 +1,7 @@
 """`vlmscope serve`: a local web app over one VLM. Pick, upload or generate an image, ask a
 question, and look inside: the answer's probabilities, each patch's logit-lens words
-(nostalgebraist 2020) and top SAE features, a layer x position causal-tracing grid (Gaussian noise
+(nostalgebraist 2020) and top SAE features, the SAE's features with their top scenes
+(feature_browser.py), a layer x position causal-tracing grid (Gaussian noise
 on the image tokens, Meng et al. 2022) and image->last attention-knockout windows (Geva et al. 2023).
 
 `create_app(vlm, sae)` returns a FastAPI app: JSON endpoints under /api that call the library's
@@ -35,6 +36,7 @@ from vlmscope.methods.lens import logit_lens
 from vlmscope.methods.metrics import answer_prob, last_logits
 from vlmscope.methods.patching import patch_sweep
 from vlmscope.model.positions import IMAGE, ROLES
+from vlmscope.report import feature_browser
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
@@ -249,6 +251,7 @@ def create_app(vlm, sae=None) -> FastAPI:
     app = FastAPI(title="vlmscope", docs_url=None, redoc_url=None)
     lock = threading.Lock()
     uploads: OrderedDict[str, np.ndarray] = OrderedDict()  # the latest KEPT_UPLOADS uploads
+    catalogue: dict[str, list] = {}  # the feature list, computed on first request
 
     def image_of(image_id: str) -> np.ndarray:
         if image_id.startswith("scene-") and image_id[6:].isdigit():
@@ -322,6 +325,28 @@ def create_app(vlm, sae=None) -> FastAPI:
             out = answer(vlm, x, req.question.strip(), req.k)
             out["sae"] = None if sae is None else sae_features(vlm, sae, x)
         return out
+
+    def need_sae():
+        if sae is None:
+            raise HTTPException(404, "no SAE loaded: start the app with --sae DIR to browse features")
+
+    @app.get("/api/features")
+    def features():
+        need_sae()
+        with lock:
+            if "list" not in catalogue:  # the same scenes every time: rank once
+                catalogue["list"] = feature_browser.list_features(vlm, sae)
+        return {"site": sae.cfg.site, "d_sae": sae.cfg.d_sae, "scenes": len(feature_browser.SCENE_SEEDS),
+                "features": catalogue["list"]}
+
+    @app.get("/api/features/{feature}")
+    def feature(feature: int):
+        need_sae()
+        if not 0 <= feature < sae.cfg.d_sae:
+            raise HTTPException(404, f"feature {feature} does not exist: the SAE has features 0 to "
+                                     f"{sae.cfg.d_sae - 1}")
+        with lock:
+            return feature_browser.feature_page(vlm, sae, feature)
 
     @app.post("/api/trace")
     def tracing(req: Trace):

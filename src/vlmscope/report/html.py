@@ -52,6 +52,8 @@ CAPTIONS = {
     "figure-verification.png": "SAE features labelled by dissection (IoU with concept masks) and the verdict of the "
                                "verification loop on controlled scenes.",
     "figure-word-match.png": "Answer words each MLP neuron of the last LM block writes, by cosine with the unembedding.",
+    "figure-feature-grid.png": "The most frequent SAE features (rows) on their top 4 scenes (columns): the "
+                               "feature's activation at each patch drawn over the scene (dark: 0).",
     "figure-concept-f1.png": "For each colour and shape, the F1 of the single SAE feature that best detects "
                              "patches of objects with it.",
 }

@@ -179,7 +179,7 @@ def patch_words(image: np.ndarray | None, words: list[list[str]], probs=None, ax
 
 
 def heatmap_over_image(image: np.ndarray | None, values, ax=None, title: str = "", cmap: str = "viridis",
-                       vmin=None, vmax=None):
+                       vmin=None, vmax=None, colorbar: bool = True):
     """A (rows x cols) patch heatmap drawn over the image."""
     values = np.asarray(values)
     rows, cols = values.shape
@@ -188,7 +188,8 @@ def heatmap_over_image(image: np.ndarray | None, values, ax=None, title: str = "
         ax.imshow(image, extent=(0, cols, rows, 0))
     im = ax.imshow(values, extent=(0, cols, rows, 0), cmap=cmap, alpha=0.6 if image is not None else 1,
                    vmin=vmin, vmax=vmax)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    if colorbar:
+        fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
@@ -259,6 +260,31 @@ def sae_features(r, feature: int = 0, images=None):
     if r.has_logit_effect:
         title += "\n+" + " ".join(str(int(t)) for t in r.logit_top_ids[i, :5])
     ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def feature_grid(views, images, n_features: int = 8, top: int = 4):
+    """A feature grid from `FeatureViews`: the n most frequent features (rows), each over its top
+    examples (columns) with its activation at every patch drawn over `images[example]`; one
+    colour scale per feature, from 0 to its largest activation shown."""
+    order = views.frequency.argsort(descending=True, stable=True)[:n_features].tolist()
+    top = min(top, views.top_values.shape[1])
+    fig, axes = plt.subplots(len(order), top, figsize=(1.7 * top + 0.6, 1.7 * len(order)), squeeze=False)
+    for r, i in enumerate(order):
+        maps = views.patch_maps[i, :top].numpy()  # (top, grid_row, grid_col)
+        vmax = float(np.nanmax(maps)) if np.isfinite(maps).any() else 0.0
+        for j, ax in enumerate(axes[r]):
+            example = int(views.top_examples[i, j])
+            if example < 0:  # the feature fired in fewer than `top` examples
+                ax.axis("off")
+                continue
+            heatmap_over_image(images[example], maps[j], ax=ax, cmap="inferno", vmin=0, vmax=vmax or 1.0,
+                               colorbar=False, title=f"max {float(views.top_values[i, j]):.2f}")
+            ax.title.set_fontsize(7)
+        axes[r, 0].set_ylabel(f"feature {int(views.features[i])}\nfires {float(views.frequency[i]):.0%}",
+                              fontsize=8)
+    fig.suptitle(f"top scenes of the {len(order)} most frequent SAE features at {views.site}", fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -8,6 +8,7 @@ const state = {
   asked: null,      // the last /api/ask response
   ticket: 0,        // drops answers to questions that are no longer current
   sae: null,        // the SAE's site, or null
+  features: false,  // whether the feature list has been asked for
   generic: [],      // example questions for uploaded images
 };
 
@@ -196,8 +197,15 @@ function showPatch(patch, cell) {
     const here = got.sae.patches.find((p) => p.row === patch.row && p.col === patch.col);
     const list = here ? here.features : [];
     const scale = list.length ? list[0].act : 1;
+    const link = (f) => {  // a bar that opens the feature's page below
+      const row = bar(`#${f.id}`, f.act, scale, f.act.toFixed(2));
+      row.classList.add("link");
+      row.title = `feature ${f.id}: click to see its top scenes`;
+      row.addEventListener("click", () => openFeature(f.id));
+      return row;
+    };
     features.replaceChildren(el("p", {class: "muted"}, `at ${got.sae.site}`), ...(list.length ?
-      list.map((f) => bar(`#${f.id}`, f.act, scale, f.act.toFixed(2))) : [el("p", {}, "no feature active")]));
+      list.map(link) : [el("p", {}, "no feature active")]));
   }
   $("patch-panel").hidden = false;
 }
@@ -255,6 +263,71 @@ async function runKnockout() {
   });
 }
 
+// --- SAE features: the most frequent ones over fixed scenes, and one feature's top scenes -----
+async function listFeatures() {
+  if (!$("features-panel").open || state.features) return;
+  state.features = true;
+  const list = $("feature-list");
+  if (!state.sae) {
+    list.replaceChildren(el("p", {class: "muted"}, "No SAE loaded: start the app with --sae DIR to browse features."));
+    return;
+  }
+  list.replaceChildren(el("p", {class: "muted"}, "ranking features …"));
+  try {
+    const got = await api("/api/features");
+    $("features-about").textContent = `The ${got.features.length} most frequent of the SAE's ${got.d_sae} ` +
+      `features at ${got.site}, over ${got.scenes} generated scenes (share of image patches where each fires; ` +
+      "its dissection label where one fits). Click one to see the scenes where it fires most.";
+    list.replaceChildren(...got.features.map((f) => {
+      const button = el("button", {class: "feature", type: "button", "data-feature": f.id},
+        el("b", {}, `#${f.id}`), ` ${pct(f.frequency)}`, el("span", {class: "concept"}, f.label));
+      button.addEventListener("click", () => showFeature(f.id));
+      return button;
+    }));
+  } catch (err) {
+    state.features = false;
+    list.replaceChildren();
+    notice(err.message);
+  }
+}
+
+async function showFeature(id) {
+  try {
+    const got = await api(`/api/features/${id}`);
+    for (const b of document.querySelectorAll(".feature.active")) b.classList.remove("active");
+    const button = document.querySelector(`.feature[data-feature="${id}"]`);
+    if (button) button.classList.add("active");
+    $("feature-title").textContent = `Feature ${got.id} at ${got.site}`;
+    $("feature-summary").textContent = `Fires at ${pct(got.frequency)} of the image patches of ${got.scenes} ` +
+      `scenes; largest activation ${num(got.max)}; ` + (got.label ?
+      `dissection label ${got.label} (IoU ${num(got.iou)}).` : "no dissection label (best IoU below 0.04).") +
+      (got.top.length ? " Its top scenes, orange where it fires; click one to open it above." : "");
+    $("feature-scenes").replaceChildren(...(got.top.length ? got.top.map((s) => sceneCard(s, got.grid, got.max)) :
+      [el("p", {}, "This feature fires on none of these scenes.")]));
+    $("feature-detail").hidden = false;
+  } catch (err) {
+    notice(err.message);
+  }
+}
+
+function sceneCard(scene, [rows, cols], scale) {  // the scene with the feature's activation per patch
+  const heat = el("div", {class: "heat",
+    style: `grid-template-rows:repeat(${rows},1fr);grid-template-columns:repeat(${cols},1fr)`});
+  scene.map.forEach((row, r) => row.forEach((v, c) => heat.append(el("div", {title: `r${r} c${c}: ${num(v)}`,
+    style: `background:rgba(255,120,0,${(0.85 * Math.max(0, v || 0) / (scale || 1)).toFixed(2)})`}))));
+  const card = el("figure", {class: "feature-scene", tabindex: "0", "data-seed": scene.seed},
+    el("div", {class: "frame"}, el("img", {src: `/api/image/${scene.image}`, alt: `scene ${scene.seed}`}), heat),
+    el("figcaption", {}, `scene ${scene.seed}: max ${num(scene.act)}`));
+  card.addEventListener("click", () => loadScene(scene.seed).catch((err) => notice(err.message)));
+  return card;
+}
+
+function openFeature(id) {  // from the patch panel: open the browser at one feature
+  const panel = $("features-panel");
+  panel.open = true;
+  showFeature(id).then(() => $("feature-detail").scrollIntoView({behavior: "smooth"}));
+}
+
 // --- start -----------------------------------------------------------------------------------
 async function start() {
   const info = await api("/api/info");
@@ -276,6 +349,7 @@ async function start() {
   $("question").addEventListener("keydown", (e) => { if (e.key === "Enter") ask(); });
   $("trace").addEventListener("click", runTrace);
   $("knockout").addEventListener("click", runKnockout);
+  $("features-panel").addEventListener("toggle", listFeatures);
   await loadScene(info.gallery[0]);
 }
 
