@@ -46,6 +46,16 @@ class Experiment:
     model: str = "shapes-llava"
     seed: int = 0
     methods: tuple[MethodSpec, ...] = ()
+    data: UserData | None = None  # the user's images and questions; None: shapes-world data
+
+
+@dataclass(frozen=True)
+class UserData:
+    """Images (paths) and one question each; optional per-example labels for probes."""
+
+    images: tuple[str, ...]
+    questions: tuple[str, ...]
+    labels: tuple[int, ...] = ()
 
 
 def method(kind: str, **options) -> MethodSpec:
@@ -57,7 +67,27 @@ def method(kind: str, **options) -> MethodSpec:
     return MethodSpec(kind, {**METHOD_KEYS[kind], **options})
 
 
-def parse(doc: dict[str, Any]) -> Experiment:
+def _data(doc: dict[str, Any] | None, base: Path) -> UserData | None:
+    if doc is None:
+        return None
+    bad = set(doc) - {"images", "questions", "labels"}
+    if bad:
+        raise InputError(f"unknown [data] key(s) {sorted(bad)}; valid: images, questions, labels")
+    images = tuple(str((base / p).resolve()) for p in doc.get("images", []))
+    questions = tuple(doc.get("questions", []))
+    if not images or len(images) != len(questions):
+        raise InputError(f"[data] needs one question per image; got {len(images)} images and {len(questions)} "
+                         "questions")
+    missing = [p for p in images if not Path(p).exists()]
+    if missing:
+        raise InputError(f"[data] images not found: {missing}")
+    labels = tuple(int(x) for x in doc.get("labels", []))
+    if labels and len(labels) != len(images):
+        raise InputError(f"[data] labels: {len(labels)} for {len(images)} images")
+    return UserData(images, questions, labels)
+
+
+def parse(doc: dict[str, Any], base: Path = Path(".")) -> Experiment:
     valid = {f.name for f in fields(Experiment)} - {"methods"} | {"method"}
     bad = set(doc) - valid
     if bad:
@@ -70,7 +100,8 @@ def parse(doc: dict[str, Any]) -> Experiment:
         methods.append(method(m.pop("kind"), **m))
     if not methods:
         methods = [method(k) for k in METHOD_KEYS]
-    return Experiment(model=doc.get("model", "shapes-llava"), seed=int(doc.get("seed", 0)), methods=tuple(methods))
+    return Experiment(model=doc.get("model", "shapes-llava"), seed=int(doc.get("seed", 0)), methods=tuple(methods),
+                      data=_data(doc.get("data"), base))
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -79,4 +110,4 @@ def load_experiment(path: str | Path) -> Experiment:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path} is not valid TOML: {e}") from None
-    return parse(doc)
+    return parse(doc, path.parent)
