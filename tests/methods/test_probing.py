@@ -94,3 +94,19 @@ def test_probe_sites_on_pooled_positions_of_the_zoo_model():
     assert r.score[-1] >= 0.95  # the answer is decodable at the last token of the last layer
     pooled = probe_sites(m, x, answers, ["connector.out"], select="mean:image", target="answer")
     assert pooled.score.shape == (1,)
+
+
+def test_probes_read_from_the_activation_store(tmp_path):
+    import vlmscope as vs
+    from vlmscope import testing as T
+    from vlmscope.methods.probing import store_features
+
+    model = T.tiny_llava()
+    m = vs.load(model)
+    x = T.llava_inputs(model, batch=40, seed=3)
+    store = m.cache_dataset(list(range(40)), ["lm.blocks.0.resid_post", "lm.blocks.1.resid_post"], tmp_path,
+                            batch_size=8, collate=lambda i: {k: v[i] for k, v in x.items()}, progress=False)
+    feats, index = store_features(store, ["lm.blocks.0.resid_post", "lm.blocks.1.resid_post"])
+    labels = m.positions(x)["lm"].role[index[:, 0], index[:, 1]]  # image / text / special, per stored row
+    r = fit_probes(feats, labels)
+    assert r.names == ("lm.blocks.0.resid_post", "lm.blocks.1.resid_post") and (r.score > 0.9).all()

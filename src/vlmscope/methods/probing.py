@@ -353,3 +353,15 @@ def probe_sites(vlm, inputs: Mapping, labels: torch.Tensor, sites: Sequence[str]
     if len(widths) != 1:
         raise ValueError(f"sites {list(sites)} have different widths {sorted(widths)}; probe them in separate calls")
     return fit_probes(reps, labels, config, target=target)
+
+
+def store_features(store, sites: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Features for `fit_probes` from an activation store (`m.cache_dataset`): {site: (rows, d)} and
+    the rows' (example, position) index, which must agree across the sites."""
+    feats, index = {}, None
+    for site in sites:
+        acts, idx = store.load(site)
+        if index is not None and not torch.equal(idx, index):
+            raise ValueError(f"{site!r} holds other rows than {sites[0]!r}; probe sites of one stream together")
+        feats[site], index = acts.flatten(1).float(), idx
+    return feats, index
