@@ -172,6 +172,12 @@ def _stage_explain(vlm, out: Path, seed: int) -> dict:
                            labels=[f"lm.blocks.{last}.mlp neuron {i}" for i in range(16)])
     words.save(folder / "word-match")
     words.plot().savefig(folder / "figure-word-match.png", dpi=110)
+    from vlmscope import zoo
+
+    if "shapes-clip" in zoo.names():  # SpLiCE needs a dual encoder
+        spliced, splice_scores = grounded.splice_recovery(zoo.load("shapes-clip"), seed=seed)
+        spliced.save(folder / "splice")
+        scores.update(splice_scores)
     numeric = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     numeric["score"] = numeric.get("dissection / verification agreement", float("nan"))
     _write_scores(folder, numeric)

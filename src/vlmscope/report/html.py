@@ -121,6 +121,12 @@ def scorecard(root: Path) -> list[dict]:
         s = _scores(root, key)
         if s:
             rows.append(_row(family, label, s.get("score"), bar))
+    sp = _scores(root, "explain")
+    if "SpLiCE precision (colour and shape words)" in sp:
+        rows.append(_row("automated explanation", "SpLiCE on shapes-clip: precision of colour/shape words",
+                         sp["SpLiCE precision (colour and shape words)"], 0.9))
+        rows.append(_row("automated explanation", "SpLiCE on shapes-clip: recall of colour/shape words",
+                         sp["SpLiCE recall (colour and shape words)"], 0.9))
     return rows
 
 
@@ -177,7 +183,11 @@ def _reading(key: str, root: Path) -> str:
                 f"broad, {int(sc.get('verdict: too narrow', 0))} too narrow, "
                 f"{int(sc.get('verdict: does not hold', 0))} do not hold — agreement "
                 f"{sc.get('dissection / verification agreement', float('nan')):.2f}. Word matching reads which "
-                "answer words the last block's neurons write into the unembedding.")
+                "answer words the last block's neurons write into the unembedding. SpLiCE (Bhalla et al. 2024) on "
+                "shapes-clip decomposes single-object images over the world's words plus distractors: precision "
+                f"{sc.get('SpLiCE precision (colour and shape words)', float('nan')):.2f} and recall "
+                f"{sc.get('SpLiCE recall (colour and shape words)', float('nan')):.2f} for the object's colour and "
+                "shape.")
     if key == "sae":
         sc = _scores(root, "sae")
         return (f"A TopK sparse autoencoder trained on {sc.get('site', 'the vision tower')} at image patches. For each "
