@@ -1,9 +1,9 @@
 """The zoo: small VLMs trained here on the shapes world (so every fact about their inputs is known),
 shipped inside the package as ordinary transformers checkpoints (safetensors, real processor).
 
-    import vlmscope as vs
-    m = vs.zoo.load("shapes-llava")                 # the VLM wrapper; vs.load("zoo:shapes-llava") too
-    model, processor = vs.zoo.load_hf("shapes-llava", step=1800)   # plain transformers, mid-training
+    from vlmscope import zoo
+    m = zoo.load("shapes-llava")                 # the VLM wrapper; vs.load("zoo:shapes-llava") too
+    model, processor = zoo.load_hf("shapes-llava", step=1800)   # plain transformers, mid-training
 """
 
 from vlmscope.zoo.evaluate import accuracy, evaluate

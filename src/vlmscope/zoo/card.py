@@ -104,7 +104,7 @@ def render_card_md(card: dict) -> str:
     lines += [
         f"- Early stop when every family reaches {card['recipe']['stop_at']} on validation "
         f"(every {card['recipe']['eval_every']} steps).",
-        f"- Reproduce: `{card['recipe']['command']}`.",
+        f"- Train from scratch: `{card['recipe']['command']}` (see the note for how this checkpoint ran).",
         *([f"- Note: {card['recipe']['note']}"] if card["recipe"].get("note") else []), "",
         "## Training",
         f"{t['final_step']} steps in {t['seconds'] / 60:.1f} min on {t['hardware']} "
@@ -122,3 +122,111 @@ def render_card_md(card: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+CLIP_LIMITS = [
+    "Trained and evaluated only on the synthetic shapes world (72-px images, 3x3 grid, 1-4 objects); it"
+    " knows only the world's words, and any other word is <unk>.",
+    "Zero-shot prompts are in the training distribution: one-object scenes were described by random"
+    " attribute subsets (\"a red object\", \"a circle\", \"a small blue square at center\"), so \"zero-shot\""
+    " means classification by text prompts, not transfer to unseen phrasings.",
+    "Texts must end with <|endoftext|> (the processor appends it): CLIP pools the text at that token.",
+    "The image must be 72 x 72 with one object per 24-px cell: the 9 patches are the 9 cells.",
+    "Intermediate checkpoints are fp16; the final weights are fp32.",
+]
+
+
+def shapes_clip_card(model, training: dict, config: dict, metrics: dict[str, float], seed: int, n: int,
+                     final_step: int, snapshot_steps: list[int]) -> dict:
+    """The card of a trained shapes-clip as a JSON-able dict."""
+    from vlmscope.zoo.shapes_clip import NAME as CLIP_NAME
+    from vlmscope.zoo.shapes_clip import PARTS as CLIP_PARTS
+
+    cfg = model.config
+    params = {part: sum(p.numel() for k, p in model.named_parameters() if k.startswith(prefixes))
+              for part, prefixes in CLIP_PARTS.items()}
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    return {
+        "card_version": CARD_VERSION,
+        "name": CLIP_NAME,
+        "class": type(model).__name__,
+        "parameters": sum(params.values()),
+        "parameters_by_part": params,
+        "architecture": {
+            "vision": {k: getattr(cfg.vision_config, k) for k in (*keys, "image_size", "patch_size")},
+            "text": {k: getattr(cfg.text_config, k) for k in (*keys, "vocab_size", "max_position_embeddings",
+                                                               "eos_token_id")},
+            "projection_dim": cfg.projection_dim,
+            "image_tokens": (IMAGE_SIZE // CELL) ** 2 + 1,
+            "text_format": "<s> WORDS <|endoftext|>, right-padded with <pad>; pooled at <|endoftext|>",
+        },
+        "data": {
+            "world": "vlmscope.data shapes world",
+            "image_size": IMAGE_SIZE, "grid": "3x3", "objects": "1-4", "shapes": list(SHAPES),
+            "colours": list(COLOURS), "sizes": list(SIZES), "domains": list(DOMAINS),
+            "training_mix": f"{config['single']:.0%} one-object scenes described by a random attribute subset"
+                            f" ({config['full_p']:.0%} by the full caption), the rest 2-4 objects with full"
+                            " captions; every text has a hard negative changing one attribute (colour, shape,"
+                            " size, position, background, or two objects' colours swapped); soft targets over"
+                            " every matching (image, text) pair",
+        },
+        "recipe": {"seed": config["seed"], "steps": config["steps"], "batch_size": config["batch_size"],
+                   "lr": config["lr"], "warmup": config["warmup"], "floor": config["floor"],
+                   "replan": config.get("replan"), "optimizer": "AdamW", "betas": config["betas"],
+                   "weight_decay": config["weight_decay"],
+                   "grad_clip": config["grad_clip"], "eval_every": config["eval_every"],
+                   "command": f"vlmscope zoo train {CLIP_NAME} --out runs/{CLIP_NAME} --seed {config['seed']}"},
+        "training": {"final_step": final_step, "seconds": round(training["elapsed_s"], 1),
+                     "hardware": "1 CPU thread (shared 2-core machine)", "validation": training["history"],
+                     "validation_n": config["eval_n"]},
+        "accuracy": {"seed": seed, "n": n, "metrics": metrics},
+        "checkpoints": {"steps": snapshot_steps + [final_step], "format": "fp16 full snapshots"
+                        " (checkpoints/index.json); final step = model.safetensors (fp32)"},
+        "known_limits": CLIP_LIMITS,
+        "size_mb": None,
+    }
+
+
+def render_clip_card_md(card: dict) -> str:
+    """card.md of shapes-clip from its card.json."""
+    a, t, r = card["architecture"], card["training"], card["recipe"]
+    m = card["accuracy"]["metrics"]
+    v, x = a["vision"], a["text"]
+    lines = [
+        f"# {card['name']}", "",
+        f"`{card['class']}`, {card['parameters']:,} parameters "
+        f"({', '.join(f'{k} {n:,}' for k, n in card['parameters_by_part'].items())}), "
+        f"{card['size_mb']} MB on disk with its checkpoints.", "",
+        "## Architecture",
+        f"- Vision: CLIP, {v['hidden_size']} wide, {v['num_hidden_layers']} layers, {v['num_attention_heads']}"
+        f" heads, {v['image_size']}-px images, {v['patch_size']}-px patches: CLS + 9 patches, one per cell.",
+        f"- Text: CLIP, {x['hidden_size']} wide, {x['num_hidden_layers']} layers, {x['num_attention_heads']}"
+        f" heads, vocabulary {x['vocab_size']} words; {a['text_format']} (eos id {x['eos_token_id']}).",
+        f"- Projections to {a['projection_dim']}; learned temperature.", "",
+        "## Data",
+        f"The shapes world: {card['data']['objects']} objects on a {card['data']['grid']} grid. "
+        f"Training mix: {card['data']['training_mix']}.", "",
+        "## Recipe (contrastive, one stage)",
+        f"- {r['steps']} steps, batch {r['batch_size']} images (+ {r['batch_size']} hard-negative texts), "
+        f"AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine to {r['floor']} x peak"
+        + (f"; from step {r['replan'][0]} re-planned to end at {r['replan'][1]}" if r.get("replan") else "")
+        + f"), betas {r['betas']}, "
+        f"weight decay {r['weight_decay']}, grad-clip {r['grad_clip']}.",
+        f"- Train from scratch: `{r['command']}`.",
+        *([f"- Note: {r['note']}"] if r.get("note") else []), "",
+        "## Training",
+        f"{t['final_step']} steps in {t['seconds'] / 60:.1f} min on {t['hardware']}.", "",
+        f"## Accuracy ({card['accuracy']['n']} fresh scenes per metric, seed {card['accuracy']['seed']})", "",
+        "Zero-shot: one-object scenes, arg-max over \"a {colour} object\" / \"a {shape}\" prompts. Retrieval:"
+        " 2-4-object scenes, top-1 within pools of 100 captions; hard_negative: the true caption beats a"
+        " one-attribute swap.", "",
+        "| " + " | ".join(m) + " |", "|" + "---|" * len(m),
+        "| " + " | ".join(f"{val:.3f}" for val in m.values()) + " |",
+        "", f"Validation during training ({t['validation_n']} scenes):", "",
+        "| step | " + " | ".join(m) + " |", "|" + "---|" * (len(m) + 1),
+    ]
+    for h in t["validation"]:
+        lines.append(f"| {h['step']} | " + " | ".join(f"{h['accuracy'][k]:.3f}" for k in m) + " |")
+    lines += ["", "## Checkpoints", f"Steps {card['checkpoints']['steps']}: {card['checkpoints']['format']}.",
+              "", "## Known limits", *[f"- {x}" for x in card["known_limits"]], ""]
+    return "\n".join(lines)

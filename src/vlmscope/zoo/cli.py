@@ -13,7 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     zoo = subparsers.add_parser("zoo", help="the built-in trained models")
     sub = zoo.add_subparsers(dest="zoo_command", required=True)
     sub.add_parser("list", help="names, classes, sizes, accuracies").set_defaults(func=cmd_list)
-    ev = sub.add_parser("eval", help="accuracy per question family on fresh examples of a seed")
+    ev = sub.add_parser("eval", help="accuracy per question family (shapes-clip: zero-shot colour / shape"
+                        " and caption retrieval) on fresh examples of a seed")
     ev.add_argument("name")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--n", type=int, default=600)
@@ -31,7 +32,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     for name in names():
         c = card(name)
-        acc = " ".join(f"{k} {v:.3f}" for k, v in c["accuracy"]["per_family"].items())
+        scores = c["accuracy"]["per_family" if "per_family" in c["accuracy"] else "metrics"]  # a dual encoder
+        acc = " ".join(f"{k} {v:.3f}" for k, v in scores.items())
         size = f"{c['parameters'] / 1e6:.2f}M params  {c['size_mb']:.1f} MB"
         print(f"{name:16s} {c['class']:32s} {size}  {acc}")
     return 0
@@ -49,5 +51,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(f"{args.name} seed {args.seed}, {args.n} examples")
         for family, value in acc.items():
-            print(f"  {family:9s} {value:.3f}")
+            print(f"  {family:13s} {value:.3f}")
     return 0

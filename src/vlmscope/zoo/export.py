@@ -3,6 +3,7 @@ checkpoint and processor, a chosen subset of the fp16 snapshots (within the size
 model card (card.json + card.md) with held-out accuracy measured on a fresh seed.
 
     python -m vlmscope.zoo.export runs/shapes-llava --seed 2024 --n 1000
+    python -m vlmscope.zoo.export runs/shapes-clip --name shapes-clip --seed 2024 --n 1000
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vlmscope.zoo.card import render_card_md, shapes_llava_card
+from vlmscope.zoo.card import render_card_md, render_clip_card_md, shapes_clip_card, shapes_llava_card
 from vlmscope.zoo.checkpoint import read_index, write_json_atomic
 from vlmscope.zoo.evaluate import evaluate
 from vlmscope.zoo.registry import MODELS
@@ -22,13 +23,16 @@ from vlmscope.zoo.shapes_llava import NAME
 
 FINAL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
                "tokenizer.json", "tokenizer_config.json")
+CLIP_FILES = ("config.json", "model.safetensors", "processor_config.json", "tokenizer.json",
+              "tokenizer_config.json")
 
 
 def choose_snapshots(index: list[dict], max_instruct: int) -> list[dict]:
     """Every vision/align snapshot and the init, plus up to `max_instruct` instruction-tuning ones
     spread evenly over that stage (its last one is the final model, shipped in fp32 instead)."""
-    fixed = [e for e in index if e["stage"] != "instruct"]
-    inst = [e for e in index if e["stage"] == "instruct"][:-1]
+    last = "contrastive" if index and index[-1]["stage"] == "contrastive" else "instruct"  # shapes-clip
+    fixed = [e for e in index if e["stage"] != last]
+    inst = [e for e in index if e["stage"] == last][:-1]
     if len(inst) > max_instruct:
         picks = {round(i * (len(inst) - 1) / max(1, max_instruct - 1)) for i in range(max_instruct)}
         inst = [inst[i] for i in sorted(picks)]
@@ -45,7 +49,8 @@ def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "checkpoints").mkdir(parents=True)
-    for f in FINAL_FILES:
+    clip = name == "shapes-clip"
+    for f in CLIP_FILES if clip else FINAL_FILES:
         shutil.copyfile(final / f, dest / f)
     index = read_index(run / "checkpoints")
     chosen = choose_snapshots(index, max_instruct)
@@ -53,17 +58,19 @@ def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME
         shutil.copyfile(run / "checkpoints" / e["file"], dest / "checkpoints" / e["file"])
     write_json_atomic(chosen, dest / "checkpoints" / "index.json")
     training = json.loads((final / "training.json").read_text())
-    from transformers import LlavaForConditionalGeneration
+    from transformers import CLIPModel, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(final, local_files_only=True, use_safetensors=True)
+    model_cls, make_card = (CLIPModel, shapes_clip_card) if clip else (LlavaForConditionalGeneration,
+                                                                        shapes_llava_card)
+    model = model_cls.from_pretrained(final, local_files_only=True, use_safetensors=True)
     acc = evaluate(model, seed=seed, n=n)
-    card = shapes_llava_card(model, training, json.loads((run / "config.json").read_text()), acc, seed, n,
-                             final_step=index[-1]["step"], snapshot_steps=[e["step"] for e in chosen])
+    card = make_card(model, training, json.loads((run / "config.json").read_text()), acc, seed, n,
+                     final_step=index[-1]["step"], snapshot_steps=[e["step"] for e in chosen])
     card["recipe"]["note"] = note
     write_json_atomic(card, dest / "card.json")  # size first measured without the card files
     card["size_mb"] = round(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 2**20, 2)
     write_json_atomic(card, dest / "card.json")
-    (dest / "card.md").write_text(render_card_md(card))
+    (dest / "card.md").write_text((render_clip_card_md if clip else render_card_md)(card))
     return dest
 
 
@@ -72,11 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--max-instruct", type=int, default=5)
+    p.add_argument("--name", default=NAME, choices=[NAME, "shapes-clip"])
+    p.add_argument("--max-instruct", type=int, default=5,
+                   help="snapshots kept from the last stage (shapes-clip: its only stage)")
     p.add_argument("--note", default="", help="how the run went, for the card (e.g. a resumption)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    dest = export(Path(args.run), args.seed, args.n, args.max_instruct, note=args.note)
+    dest = export(Path(args.run), args.seed, args.n, args.max_instruct, name=args.name, note=args.note)
     print(json.dumps(json.loads((dest / "card.json").read_text())["accuracy"]))
 
 

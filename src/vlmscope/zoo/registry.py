@@ -8,11 +8,23 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 from vlmscope.zoo.checkpoint import compose_snapshot, read_index
 
 MODELS = Path(__file__).parent / "models"
+# card["class"] -> (model class, config class, processor class)
+CLASSES = {
+    "LlavaForConditionalGeneration": (LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor),
+    "CLIPModel": (CLIPModel, CLIPConfig, CLIPProcessor),
+}
 
 
 def names() -> list[str]:
@@ -37,17 +49,18 @@ def checkpoint_steps(name: str) -> list[int]:
     return snapshots + [card(name)["training"]["final_step"]]
 
 
-def load_hf(name: str, step: int | None = None) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """(model, processor) as plain transformers objects, in eval mode; `step` picks a checkpoint along
-    training (see checkpoint_steps), None the final weights."""
+def load_hf(name: str, step: int | None = None):
+    """(model, processor) as plain transformers objects, in eval mode (the classes the card names, e.g.
+    LlavaForConditionalGeneration + LlavaProcessor, CLIPModel + CLIPProcessor); `step` picks a
+    checkpoint along training (see checkpoint_steps), None the final weights."""
     path = model_dir(name)
-    processor = LlavaProcessor.from_pretrained(path, local_files_only=True)
+    model_cls, config_cls, processor_cls = CLASSES[card(name)["class"]]
+    processor = processor_cls.from_pretrained(path, local_files_only=True)
     if step is None or step == card(name)["training"]["final_step"]:
-        model = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True,
-                                                              use_safetensors=True)
+        model = model_cls.from_pretrained(path, local_files_only=True, use_safetensors=True)
     else:
         with torch.random.fork_rng():  # the random init is overwritten; leave the caller's RNG alone
-            model = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(path, local_files_only=True))
+            model = model_cls(config_cls.from_pretrained(path, local_files_only=True))
         model.load_state_dict(compose_snapshot(path / "checkpoints", step), strict=True)
     return model.eval(), processor
 

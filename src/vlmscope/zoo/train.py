@@ -8,6 +8,8 @@ and the resumable state (weights, optimizer, RNG, family weights) is written ato
 run resumed from its directory ends with the same weights as an uninterrupted one.
 
     python -m vlmscope.zoo.train shapes-llava --out runs/shapes-llava [--seed 0] [--steps N]
+
+(`shapes-clip` is trained by train_clip.py with the same state and snapshot machinery.)
 """
 
 from __future__ import annotations
@@ -231,11 +233,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=[NAME])
+    parser.add_argument("name", choices=[NAME, "shapes-clip"])
     parser.add_argument("--out", required=True, help="run directory (resumes if it holds a state)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None,
-                        help="instruction-tuning steps (default: the recipe's)")
+                        help="instruction-tuning steps, or shapes-clip's steps (default: the recipe's)")
     parser.add_argument("--halt-at", type=int, default=None,
                         help="stop before this global step, as a kill would (resume later, e.g. with other --steps)")
 
@@ -243,12 +245,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Progress:
     """Train from parsed arguments on one torch thread (faster than two on a shared machine)."""
     torch.set_num_threads(1)
+    if args.name == "shapes-clip":
+        return _run_clip(args)
     cfg = TrainConfig(seed=args.seed)
     if args.steps is not None:
         last = replace(cfg.stages[-1], steps=args.steps, replan=None,
                        snapshots=tuple(s for s in cfg.stages[-1].snapshots if s < args.steps))
         cfg = replace(cfg, stages=(*cfg.stages[:-1], last))
     prog = train(args.out, cfg, halt_at=args.halt_at)
+    print(json.dumps({"done": prog.done, "elapsed_s": round(prog.elapsed_s, 1), "accuracy": prog.accuracy}))
+    return prog
+
+
+def _run_clip(args: argparse.Namespace):
+    from vlmscope.zoo import train_clip
+
+    cfg = train_clip.ClipConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=args.steps, replan=None,
+                      snapshots=tuple(s for s in cfg.snapshots if s < args.steps))
+    prog = train_clip.train(args.out, cfg, halt_at=args.halt_at)
     print(json.dumps({"done": prog.done, "elapsed_s": round(prog.elapsed_s, 1), "accuracy": prog.accuracy}))
     return prog
 

@@ -1,0 +1,189 @@
+"""shapes-clip: its processor is a real CLIPProcessor that round-trips offline and matches the fast
+encoder, ground-truth matching and hard negatives are right, training is deterministic and resumable;
+and the shipped model (when exported) loads, classifies colour and shape zero-shot at >= 95%, and
+passes hooked == plain through the CLIP adapter."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlmscope import zoo
+from vlmscope.data import example_batch, place
+from vlmscope.data.questions import caption
+from vlmscope.data.tokenizer import pixel_values
+from vlmscope.zoo import shapes_clip as sc
+from vlmscope.zoo import train_clip
+from vlmscope.zoo.checkpoint import compose_snapshot, read_index
+from vlmscope.zoo.cli import add_parser
+from vlmscope.zoo.registry import MODELS
+
+NAME = sc.NAME
+shipped = pytest.mark.skipif(NAME not in zoo.names(), reason="shapes-clip has not been exported yet")
+TEXTS = ["a red object", "a circle",
+         "a large blue circle at top-left and a small green square at center on a plain background ."]
+
+
+def test_processor_appends_eos_pads_right_and_round_trips_offline(tmp_path):
+    from transformers import CLIPProcessor
+
+    processor = sc.build_processor()
+    images, _ = example_batch(3, seed=1)
+    x = processor(text=TEXTS, images=images, return_tensors="pt", padding=True)
+    eos, pad = sc.clip_vocabulary()[sc.EOT], sc.clip_vocabulary()["<pad>"]
+    assert eos == max(sc.clip_vocabulary().values()) == sc.build_config().text_config.eos_token_id
+    last = x["attention_mask"].sum(1) - 1
+    assert x["input_ids"][torch.arange(3), last].tolist() == [eos] * 3  # EOS ends every text ...
+    assert x["input_ids"][0, last[0] + 1:].eq(pad).all() and x["attention_mask"][0, -1] == 0  # ... then pads
+    ids, mask = sc.encode_texts(TEXTS)
+    assert torch.equal(ids, x["input_ids"]) and torch.equal(mask, x["attention_mask"])
+    torch.testing.assert_close(x["pixel_values"], pixel_values(images))
+    processor.save_pretrained(tmp_path)
+    again = CLIPProcessor.from_pretrained(tmp_path, local_files_only=True)
+    y = again(text=TEXTS, images=images, return_tensors="pt", padding=True)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_text_tower_pools_at_the_end_token():
+    model = sc.build_model(0)
+    ids, mask = sc.encode_texts(["a circle", "a red object"])
+    with torch.no_grad():
+        out = model.text_model(input_ids=ids, attention_mask=mask)
+    last = mask.sum(1) - 1
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[torch.arange(2), last])
+
+
+def test_texts_match_by_ground_truth_and_hard_negatives_differ():
+    rng = np.random.default_rng(0)
+    one = place(rng, [("circle", "red")])
+    o = one.objects[0]
+    assert sc.describe({"colour": "red"}).matches(one) and sc.describe({"shape": "circle"}).matches(one)
+    assert sc.describe({"colour": "red"}).text == "a red object"
+    assert sc.describe({"size": o.size, "shape": "circle", "position": o.position}).matches(one)
+    assert not sc.describe({"colour": "blue"}).matches(one)
+    two = place(rng, [("circle", "red"), ("square", "blue")])
+    assert not sc.describe({"colour": "red"}).matches(two)  # a partial text describes a one-object scene
+    assert sc.full_text(two).matches(two)
+    for i in range(50):
+        s = place(rng, [("circle", "red"), ("square", "blue"), ("cross", "red")])
+        assert caption(sc.swap_one(np.random.default_rng(i), s)) != caption(s)
+    b = sc.contrastive_batch(np.random.default_rng(1), 16)
+    assert b.match.shape == (16, 32) and b.match.diagonal().all() and not b.match[:, 16:].diagonal().any()
+    loss = sc.contrastive_loss(sc.build_model(0), b)
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+TINY = train_clip.ClipConfig(steps=6, replan=None, batch_size=8, warmup=2, snapshots=(0, 2, 4), eval_every=3,
+                             eval_n=20, save_every=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("clip-full")
+    train_clip.train(run, TINY, progress_bar=False)
+    return run
+
+
+@pytest.mark.parametrize("halt_at", [3, 5])  # after a save and one step more, just before the end
+def test_killed_and_resumed_run_ends_with_the_same_weights(uninterrupted, tmp_path, halt_at):
+    partial = train_clip.train(tmp_path, TINY, halt_at=halt_at, progress_bar=False)
+    assert not partial.done and not (tmp_path / "final").exists()
+    assert train_clip.train(tmp_path, TINY, progress_bar=False).done
+    a = load_file(str(uninterrupted / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [e["step"] for e in read_index(tmp_path / "checkpoints")] == [0, 2, 4, 6]
+    final = compose_snapshot(tmp_path / "checkpoints", 6)
+    assert all(torch.allclose(final[k], a[k], atol=1e-2, rtol=1e-3) for k in a)
+
+
+def test_a_finished_run_extended_by_replan_equals_one_run_of_the_whole_plan(tmp_path):
+    from dataclasses import replace
+
+    short = replace(TINY, steps=4, snapshots=(0, 2))
+    whole = replace(short, replan=(4, 6))
+    train_clip.train(tmp_path / "a", short, progress_bar=False)
+    assert train_clip.train(tmp_path / "a", whole, progress_bar=False).step == 6  # goes on from step 4
+    train_clip.train(tmp_path / "b", whole, progress_bar=False)
+    a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- the shipped model --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loaded():
+    return zoo.load_hf(NAME)
+
+
+@shipped
+def test_loads_offline_and_classifies_zero_shot_at_95_percent(loaded):
+    model, processor = loaded
+    assert type(model).__name__ == "CLIPModel" and type(processor).__name__ == "CLIPProcessor"
+    assert not model.training and sum(p.numel() for p in model.parameters()) == zoo.card(NAME)["parameters"]
+    acc = zoo.evaluate(model, seed=777, n=400)
+    assert acc["colour"] >= 0.95 and acc["shape"] >= 0.95, acc
+    assert acc["hard_negative"] > 0.5 and acc["retrieval_i2t"] > 0.1, acc  # above chance (0.5, 0.01)
+
+
+@shipped
+def test_processor_path_gives_the_fast_path_embeddings(loaded):
+    model, processor = loaded
+    images, _ = example_batch(4, seed=5)
+    x = processor(text=TEXTS, images=images, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**x)
+    fast_img = sc._embed(model, images=images)
+    fast_txt = sc._embed(model, texts=TEXTS)
+    torch.testing.assert_close(out.image_embeds, fast_img, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.text_embeds, fast_txt, atol=1e-5, rtol=1e-4)
+
+
+@shipped
+def test_checkpoints_card_and_size_budget():
+    steps = zoo.checkpoint_steps(NAME)
+    assert len(steps) >= 8 and steps[0] == 0 and steps == sorted(steps)
+    first, _ = zoo.load_hf(NAME, step=steps[0])
+    mid, _ = zoo.load_hf(NAME, step=steps[len(steps) // 2])
+    final, _ = zoo.load_hf(NAME)
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    a, b, c = (m.state_dict()[key] for m in (first, mid, final))
+    assert not torch.equal(a, b) and not torch.equal(b, c)
+    card = zoo.card(NAME)
+    assert card["class"] == "CLIPModel" and card["accuracy"]["n"] >= 1000
+    assert min(card["accuracy"]["metrics"][k] for k in ("colour", "shape")) >= 0.95
+    files = [p for p in (MODELS / NAME).rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".md"}
+    assert sum(p.stat().st_size for p in files) <= 8 * 2**20
+    assert (MODELS / NAME / "card.md").read_text().startswith(f"# {NAME}")
+
+
+@shipped
+def test_cli_eval_json_and_list(capsys):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["zoo", "eval", NAME, "--seed", "3", "--n", "100", "--json"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == NAME and out["n"] == 100
+    assert set(out["accuracy"]) == {"colour", "shape", "retrieval_i2t", "retrieval_t2i", "hard_negative"}
+    args = parser.parse_args(["zoo", "list"])
+    assert args.func(args) == 0
+    assert any(line.startswith(NAME) and "CLIPModel" in line for line in capsys.readouterr().out.splitlines())
+
+
+@shipped
+def test_vlmscope_load_wraps_it_and_hooked_equals_plain():
+    import vlmscope as vs
+
+    m = vs.load(f"zoo:{NAME}")
+    images, _ = example_batch(3, seed=6)
+    inputs = m.processor(images=images, text=TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = m.model(**inputs).logits_per_image
+    out, cache = m.run_with_cache(inputs)
+    assert torch.equal(out["logits_per_image"], ref) and len(cache) > 0
+    assert "text.proj" in cache and "vision.blocks.0.resid_post" in cache
