@@ -124,8 +124,6 @@ def test_answers_follow_from_scenes(hard):
             answers.append(q.answer)
         if family in ("exists", "relation"):  # balanced yes/no
             assert 0.35 < answers.count("yes") / len(answers) < 0.65
-        if family == "relation" and hard is False:
-            assert all(len(w) for w in answers)
 
 
 def test_relation_semantics():

@@ -54,14 +54,11 @@ def _n_objects(rng: np.random.Generator, hard: bool, lo: int) -> int:
     return int(rng.integers(lo, 5))
 
 
-def _scene(rng: np.random.Generator, attrs: list[Pair],
-           cells: list[int] | None = None) -> tuple[Scene, list[int]]:
-    """Place attrs in shuffled order; returns the scene and where each attrs entry went."""
+def _scene(rng: np.random.Generator, attrs: list[Pair], cells: list[int] | None = None) -> Scene:
+    """Place attrs (and their cells, if given) in shuffled order, so the target is not always object 0."""
     order = [int(i) for i in rng.permutation(len(attrs))]
     shuffled = [attrs[i] for i in order]
-    cell_list = None if cells is None else [cells[i] for i in order]
-    where = [order.index(i) for i in range(len(attrs))]
-    return place(rng, shuffled, cell_list), where
+    return place(rng, shuffled, None if cells is None else [cells[i] for i in order])
 
 
 def _colour_or_shape(rng: np.random.Generator, family: str, hard: bool) -> Example:
@@ -71,7 +68,7 @@ def _colour_or_shape(rng: np.random.Generator, family: str, hard: bool) -> Examp
         others = [_pair(rng, (t[0],), (t[1],) if hard else ()) for _ in range(n - 1)]
     else:  # the colour names the target
         others = [_pair(rng, (t[0],) if hard else (), (t[1],)) for _ in range(n - 1)]
-    scene, _ = _scene(rng, [t, *others])
+    scene = _scene(rng, [t, *others])
     slots = (t[0],) if family == "colour" else (t[1],)
     return Example(scene, answer_of(scene, family, slots))
 
@@ -81,7 +78,7 @@ def _count(rng: np.random.Generator, hard: bool) -> Example:
     shape = _pick(rng, SHAPES)
     n = min(4, k + int(rng.integers(1, 3))) if hard else int(rng.integers(max(k, 1), 5))
     attrs = [(shape, _pick(rng, COLOURS)) for _ in range(k)] + [_pair(rng, (shape,)) for _ in range(n - k)]
-    scene, _ = _scene(rng, attrs)
+    scene = _scene(rng, attrs)
     return Example(scene, answer_of(scene, "count", (shape,)))
 
 
@@ -89,7 +86,7 @@ def _where(rng: np.random.Generator, hard: bool) -> Example:
     t = _pair(rng)
     n = _n_objects(rng, hard, 1)
     others = [_sharing_one(rng, t) if hard else _pair_not(rng, [t]) for _ in range(n - 1)]
-    scene, _ = _scene(rng, [t, *others])
+    scene = _scene(rng, [t, *others])
     return Example(scene, answer_of(scene, "where", (t[1], t[0])))
 
 
@@ -103,7 +100,7 @@ def _exists(rng: np.random.Generator, hard: bool) -> Example:
     else:
         others = [_sharing_one(rng, t) if hard else _pair_not(rng, [t]) for _ in range(n - 1)]
         attrs = [t, *others] if yes else [_pair_not(rng, [t]), *others]
-    scene, _ = _scene(rng, attrs)
+    scene = _scene(rng, attrs)
     return Example(scene, answer_of(scene, "exists", (t[1], t[0])))
 
 
@@ -120,7 +117,7 @@ def _relation(rng: np.random.Generator, hard: bool) -> Example:
         cells = [int(c) for c in rng.permutation(GRID * GRID)[:n]]
         if holds(rel, cells[0], cells[1]) == want:
             break
-    scene, _ = _scene(rng, [a, b, *others], cells)
+    scene = _scene(rng, [a, b, *others], cells)
     return Example(scene, answer_of(scene, "relation", (a[1], a[0], rel, b[1], b[0])))
 
 
