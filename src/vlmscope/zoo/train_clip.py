@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from vlmscope.zoo.shapes_clip import (
     contrastive_loss,
     evaluate,
 )
-from vlmscope.zoo.train import Stage, lr_at
+from vlmscope.zoo.train import Progress, Stage, lr_at
 
 STATE = "state.safetensors"
 
@@ -64,22 +64,12 @@ class ClipConfig:
     grad_clip: float = 1.0
 
 
-@dataclass
-class ClipProgress:
-    step: int = 0
-    elapsed_s: float = 0.0
-    accuracy: dict[str, float] = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    done: bool = False
-
-
 def _stage(cfg: ClipConfig):
     return Stage("contrastive", tuple(PARTS), cfg.steps, cfg.batch_size, cfg.lr, cfg.warmup, floor=cfg.floor,
                  snapshots=cfg.snapshots, replan=cfg.replan)
 
 
-def _save_state(out: Path, model: CLIPModel, opt, prog: ClipProgress) -> None:
+def _save_state(out: Path, model: CLIPModel, opt, prog: Progress) -> None:
     flat, groups = ck.optimizer_tensors(opt)
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors |= {f"optim.{k}": v for k, v in flat.items()}
@@ -88,7 +78,7 @@ def _save_state(out: Path, model: CLIPModel, opt, prog: ClipProgress) -> None:
 
 
 def train(out: str | Path, cfg: ClipConfig = ClipConfig(), halt_at: int | None = None,
-          progress_bar: bool = True) -> ClipProgress:
+          progress_bar: bool = True) -> Progress:
     """Train (or resume) into `out`; `halt_at` stops before that step without saving, as a kill would."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,11 +86,11 @@ def train(out: str | Path, cfg: ClipConfig = ClipConfig(), halt_at: int | None =
     model = build_model(cfg.seed)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    prog = ClipProgress()
+    prog = Progress()
     if (out / STATE).exists():
         saved = load_file(str(out / STATE))
         meta = ck.read_metadata(out / STATE)
-        prog = ClipProgress(**meta["progress"])
+        prog = Progress(**meta["progress"])
         model.load_state_dict(ck.split_prefix(saved, "model"), strict=True)
         ck.load_optimizer(opt, ck.split_prefix(saved, "optim"), meta["param_groups"])
         torch.set_rng_state(saved["rng.torch"])
