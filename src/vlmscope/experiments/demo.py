@@ -22,7 +22,7 @@ def _write_scores(folder: Path, scores: dict) -> None:
     (folder / "scores.json").write_text(json.dumps(scores, indent=1))
 
 
-def _stage_probing(vlm, out: Path, seed: int) -> dict:
+def _stage_probing(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.report.plots import heatmap_over_image
 
     scores = {}
@@ -38,7 +38,7 @@ def _stage_probing(vlm, out: Path, seed: int) -> dict:
     return scores
 
 
-def _stage_lens(vlm, out: Path, seed: int) -> dict:
+def _stage_lens(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.data import render
     from vlmscope.report.plots import patch_words
     from vlmscope.zoo import truth
@@ -79,7 +79,7 @@ def _stage_lens(vlm, out: Path, seed: int) -> dict:
     return scores
 
 
-def _stage_patching(vlm, out: Path, seed: int) -> dict:
+def _stage_patching(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.methods.attribution import attribution_patching, compare
     from vlmscope.methods.metrics import logit_diff
     from vlmscope.zoo import truth
@@ -109,7 +109,7 @@ def _stage_patching(vlm, out: Path, seed: int) -> dict:
     return {**scores, **kscores}
 
 
-def _stage_sae(vlm, out: Path, seed: int) -> dict:
+def _stage_sae(vlm, out: Path, seed: int, shared: dict) -> dict:
     import shutil
 
     import matplotlib.pyplot as plt
@@ -117,7 +117,7 @@ def _stage_sae(vlm, out: Path, seed: int) -> dict:
     folder = out / "sae"
     shutil.rmtree(folder / "training", ignore_errors=True)  # the demo trains afresh each time
     sae, colour_f1, shape_f1, scores = grounded.sae_concepts(vlm, seed=seed, out_dir=folder / "training")
-    _SAE_FOR_EXPLAIN[id(vlm)] = (sae, scores["site"])
+    shared["sae"] = (sae, scores["site"])  # handed to the explanation stage
     colour_f1.save(folder / "colour-f1")
     shape_f1.save(folder / "shape-f1")
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
@@ -146,10 +146,7 @@ def _feature_grid(vlm, sae, site: str, folder: Path, seed: int, n: int = 96) -> 
     feature_grid(views, [render(e.scene) for e in examples]).savefig(folder / "figure-feature-grid.png", dpi=110)
 
 
-_SAE_FOR_EXPLAIN: dict[int, tuple] = {}  # the SAE stage hands its SAE to the explanation stage
-
-
-def _stage_explain(vlm, out: Path, seed: int) -> dict:
+def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.data import COLOURS, FAMILIES, SHAPES
     from vlmscope.data.vocab import answer_words
     from vlmscope.methods.explain.word_match import neuron_directions, vlm_word_match
@@ -157,11 +154,11 @@ def _stage_explain(vlm, out: Path, seed: int) -> dict:
 
     folder = out / "explain"
     folder.mkdir(parents=True, exist_ok=True)
-    if id(vlm) not in _SAE_FOR_EXPLAIN:
+    if "sae" not in shared:
         sae, _, _, s = grounded.sae_concepts(vlm, seed=seed)
         site = s["site"]
     else:
-        sae, site = _SAE_FOR_EXPLAIN[id(vlm)]
+        sae, site = shared["sae"]
     explained, scores = explain_sae_features(vlm, sae, site, n_features=30, n=200, seed=seed)
     explained.save(folder / "features")
     explained.plot().savefig(folder / "figure-verification.png", dpi=110)
@@ -207,12 +204,13 @@ def run_demo(out: str | Path = "vlmscope-demo", model: str = "shapes-llava", see
     manifest = {"model": model, "seed": seed, "stages": []}
     t_all = time.perf_counter()
     chosen = stages or tuple(STAGES)
+    shared: dict = {}  # what a stage hands to later ones (the SAE, for the explanation stage)
     for i, key in enumerate(chosen, 1):
         title, fn = STAGES[key]
         if progress:
             print(f"[{i}/{len(chosen)}] {title} ...", flush=True)
         t0 = time.perf_counter()
-        scores = fn(vlm, out, seed)
+        scores = fn(vlm, out, seed, shared)
         dt = time.perf_counter() - t0
         manifest["stages"].append({"key": key, "title": title, "seconds": round(dt, 1), "scores": scores})
         if progress:
