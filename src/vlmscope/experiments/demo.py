@@ -136,7 +136,7 @@ def _feature_grid(vlm, sae, site: str, folder: Path, seed: int, n: int = 96) -> 
     features' top scenes with their patch activations drawn over them."""
     from vlmscope.data import render
     from vlmscope.methods.sae import feature_views
-    from vlmscope.report.plots import feature_grid
+    from vlmscope.report.plots_features import feature_grid
     from vlmscope.zoo import truth
 
     examples = truth.examples(seed + 300, n)
