@@ -21,6 +21,36 @@ TINY = TrainConfig(
 )
 
 
+# the other recipes' stages, as short (shapes-blip2: tower, Q-Former, generative; the contrastive variant)
+TINY_BY_RECIPE = {
+    "shapes-blip2": replace(TINY, stages=(
+        Stage("vision", ("vision",), 2, 4, 2e-3, 1),
+        Stage("qformer", ("qformer",), 2, 4, 1e-3, 1, snapshots=(1,)),
+        Stage("instruct", ("qformer", "projector", "lm"), 4, 4, 1e-3, 2, snapshots=(2,)),
+    )),
+    "shapes-llava-contrastive": replace(TINY, stages=(
+        Stage("vision", ("vision",), 3, 4, 2e-3, 1),
+        Stage("align", ("projector",), 1, 4, 1e-3, 1),
+        Stage("instruct", ("projector", "lm"), 3, 4, 1e-3, 1),
+    )),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_BY_RECIPE))
+def test_other_recipes_resume_to_the_same_weights(tmp_path, name):
+    cfg = TINY_BY_RECIPE[name]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train(full, cfg, progress_bar=False, recipe=name)
+    train(cut, cfg, halt_at=3, progress_bar=False, recipe=name)
+    assert train(cut, cfg, progress_bar=False, recipe=name).done
+    a, b = _final(full), _final(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first = compose_snapshot(full / "checkpoints", 0)
+    assert len(first) == len(a)  # the init snapshot holds every weight; later ones the stage's parts
+    trained = [e["stage"] for e in read_index(full / "checkpoints")]
+    assert trained[0] == "vision" and trained[-1] == "instruct"
+
+
 def _final(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "final" / "model.safetensors"))
 

@@ -11,7 +11,7 @@ import torch
 from vlmscope.data.render import patch_objects, render_with_mask
 from vlmscope.data.sampling import ask
 from vlmscope.data.scene import sample_scene
-from vlmscope.data.tokenizer import N_IMAGE_TOKENS, Encoded, encode, pixel_values, vocabulary
+from vlmscope.data.tokenizer import LLAVA_LAYOUT, N_IMAGE_TOKENS, Encoded, Layout, encode, pixel_values, vocabulary
 from vlmscope.data.vocab import COLOURS, FAMILIES, GRID, SHAPES, SIZES
 
 # classes per per-patch head; for the attributes, class 0 = no object in the patch
@@ -64,20 +64,21 @@ def family_weights(accuracy: dict[str, float] | None) -> dict[str, float]:
 
 
 def qa_batch(rng: np.random.Generator, batch_size: int, weights: dict[str, float] | None = None,
-             hard_fraction: float = 0.75, vocab: dict[str, int] | None = None) -> QABatch:
+             hard_fraction: float = 0.75, vocab: dict[str, int] | None = None,
+             layout: Layout = LLAVA_LAYOUT) -> QABatch:
     """Questions drawn by family weight; a `hard_fraction` share from the binding curriculum."""
     vocab = vocab or vocabulary()
     w = weights or family_weights(None)
     p = np.asarray([w[f] for f in FAMILIES], dtype=np.float64)
     fams = [FAMILIES[i] for i in rng.choice(len(FAMILIES), size=batch_size, p=p / p.sum())]
     examples = [ask(rng, f, hard=bool(rng.random() < hard_fraction)) for f in fams]
-    return examples_batch(examples, vocab)
+    return examples_batch(examples, vocab, layout)
 
 
-def examples_batch(examples: list, vocab: dict[str, int] | None = None) -> QABatch:
-    """Render and encode a list of sampling.Example."""
+def examples_batch(examples: list, vocab: dict[str, int] | None = None, layout: Layout = LLAVA_LAYOUT) -> QABatch:
+    """Render and encode a list of sampling.Example in a model's prompt layout (LLaVA's by default)."""
     vocab = vocab or vocabulary()
     images = [render_with_mask(e.scene)[0] for e in examples]
-    inputs = encode(images, [e.question.text for e in examples], vocab)
+    inputs = encode(images, [e.question.text for e in examples], vocab, layout)
     answers = torch.tensor([vocab[e.question.answer] for e in examples], dtype=torch.long)
     return QABatch(inputs, answers, tuple(e.question.family for e in examples))

@@ -9,7 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import (
+    Blip2Processor,
+    BlipImageProcessorPil,
+    CLIPImageProcessorPil,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from vlmscope.data.scene import CELL, IMAGE_SIZE
 from vlmscope.data.vocab import SPECIAL_TOKENS, words
@@ -24,15 +30,16 @@ def vocabulary() -> dict[str, int]:
     return {w: i for i, w in enumerate((*SPECIAL_TOKENS, *words()))}
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """WordLevel tokenizer over the full vocabulary, whitespace split, <s> prepended."""
+def build_tokenizer(image_token: bool = True) -> PreTrainedTokenizerFast:
+    """WordLevel tokenizer over the full vocabulary, whitespace split, <s> prepended; `image_token`
+    names <image> as the tokenizer's image token (LLaVA's processor reads it; BLIP-2's registers its own)."""
     tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
                                                        special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="right",
+        extra_special_tokens={"image_token": "<image>"} if image_token else None, padding_side="right",
     )
 
 
@@ -46,6 +53,14 @@ def build_processor() -> LlavaProcessor:
         image_processor=ip, tokenizer=build_tokenizer(), patch_size=CELL,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )
+
+
+def build_blip2_processor(num_query_tokens: int) -> Blip2Processor:
+    """A Blip2Processor for 72-px images: `num_query_tokens` <image> tokens before <s> and the question."""
+    ip = BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_mean=list(IMAGE_MEAN),
+                               image_std=list(IMAGE_STD), do_convert_rgb=True)
+    return Blip2Processor(image_processor=ip, tokenizer=build_tokenizer(image_token=False),
+                          num_query_tokens=num_query_tokens)
 
 
 def prompt(question_text: str) -> str:
@@ -71,10 +86,35 @@ def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def encode(images: list[np.ndarray], questions: list[str], vocab: dict[str, int] | None = None) -> Encoded:
-    """Fast equivalent of processor(images, [prompt(q)...], padding=True): [<s>] + 9 <image> + words."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a zoo model's image tokens lie in its prompt: LLaVA puts its 9 after <s>; BLIP-2's
+    processor puts one per query *before* <s>."""
+
+    n_image: int = N_IMAGE_TOKENS
+    image_first: bool = False
+
+    def head(self, vocab: dict[str, int]) -> list[int]:
+        """The prompt's ids before the question's words."""
+        image = [vocab["<image>"]] * self.n_image
+        return image + [vocab["<s>"]] if self.image_first else [vocab["<s>"]] + image
+
+
+LLAVA_LAYOUT = Layout()
+
+
+def layout_of(model) -> Layout:
+    """The prompt layout a zoo model (a transformers model) was trained with."""
+    n_query = getattr(model.config, "num_query_tokens", None)
+    return Layout(n_query, image_first=True) if n_query else LLAVA_LAYOUT
+
+
+def encode(images: list[np.ndarray], questions: list[str], vocab: dict[str, int] | None = None,
+           layout: Layout = LLAVA_LAYOUT) -> Encoded:
+    """Fast equivalent of processor(images, [prompt(q)...], padding=True): by default [<s>] + 9 <image> +
+    words (LLaVA), or the layout given (BLIP-2: n_query <image> + [<s>] + words)."""
     vocab = vocab or vocabulary()
-    head = [vocab["<s>"]] + [vocab["<image>"]] * N_IMAGE_TOKENS
+    head = layout.head(vocab)
     rows = [head + [vocab.get(w, vocab["<unk>"]) for w in q.split()] for q in questions]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), vocab["<pad>"], dtype=torch.long)

@@ -20,31 +20,65 @@ KNOWN_LIMITS = [
 ]
 
 
-def shapes_llava_card(model, training: dict, config: dict, accuracy: dict[str, float], seed: int, n: int,
-                      final_step: int, snapshot_steps: list[int]) -> dict:
-    """The card of a trained shapes-llava as a JSON-able dict."""
+# what each generative zoo model adds to (or changes in) KNOWN_LIMITS
+LIMITS_BY_NAME = {
+    "shapes-blip2": [
+        KNOWN_LIMITS[0], KNOWN_LIMITS[1],
+        "The image must be 72 x 72 with one object per 24-px cell: the tower's 9 patches are the 9 cells; the"
+        " LM sees 12 query tokens, which no single cell owns.",
+        "The Q-Former's representation learning uses the scene's ground truth (every cell's colour, shape and"
+        " size read from all queries together) in place of BLIP-2's caption objectives (ITC, ITM, ITG); the"
+        " LM is trained from scratch with the Q-Former, not frozen as in BLIP-2.",
+        KNOWN_LIMITS[4],
+    ],
+    "shapes-llava-contrastive": [
+        *KNOWN_LIMITS[:3],
+        "A variant of shapes-llava: the vision tower is pre-trained contrastively against shapes-clip's captions"
+        " (pooled CLS, one-attribute hard negatives) instead of per-patch attribute heads; instruction tuning"
+        " stops at 7,000 steps so that it can be compared with shapes-llava's checkpoint of that step.",
+        KNOWN_LIMITS[4],
+    ],
+}
+
+
+def _architecture(model) -> dict:
+    """The card's architecture block, by class (LLaVA: MLP projector; BLIP-2: Q-Former)."""
     cfg = model.config
+    blocks = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    arch = {
+        "vision": {k: getattr(cfg.vision_config, k) for k in (*blocks, "image_size", "patch_size")},
+        "lm": {k: getattr(cfg.text_config, k) for k in (*blocks, "head_dim", "vocab_size")},
+        "image_token_id": cfg.image_token_id,
+    }
+    if type(model).__name__.startswith("Blip2"):
+        q = cfg.qformer_config
+        arch["qformer"] = {k: getattr(q, k) for k in (*blocks, "cross_attention_frequency")}
+        arch |= {"num_query_tokens": cfg.num_query_tokens, "image_tokens": cfg.num_query_tokens,
+                 "prompt": f"<image>x{cfg.num_query_tokens} <s> QUESTION  (answer read from the logits at the"
+                           " last prompt token)"}
+        return arch
+    return arch | {
+        "projector": {"type": "mlp2x_gelu", "hidden_act": cfg.projector_hidden_act},
+        "image_tokens": (IMAGE_SIZE // CELL) ** 2,
+        "vision_feature_layer": cfg.vision_feature_layer,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "prompt": "<s> <image>x9 QUESTION  (answer read from the logits at the last prompt token)",
+    }
+
+
+def generative_card(model, training: dict, config: dict, accuracy: dict[str, float], seed: int, n: int,
+                    final_step: int, snapshot_steps: list[int], name: str = NAME,
+                    parts: dict[str, tuple[str, ...]] = PARTS) -> dict:
+    """The card of a trained question-answering zoo model (shapes-llava, shapes-blip2, ...) as a dict."""
     params = {part: sum(p.numel() for k, p in model.named_parameters() if k.startswith(prefixes))
-              for part, prefixes in PARTS.items()}
+              for part, prefixes in parts.items()}
     return {
         "card_version": CARD_VERSION,
-        "name": NAME,
+        "name": name,
         "class": type(model).__name__,
         "parameters": sum(params.values()),
         "parameters_by_part": params,
-        "architecture": {
-            "vision": {k: getattr(cfg.vision_config, k) for k in (
-                "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "image_size", "patch_size")},
-            "projector": {"type": "mlp2x_gelu", "hidden_act": cfg.projector_hidden_act},
-            "lm": {k: getattr(cfg.text_config, k) for k in ("model_type", "hidden_size", "num_hidden_layers",
-                   "num_attention_heads", "head_dim", "intermediate_size", "vocab_size")},
-            "image_tokens": (IMAGE_SIZE // CELL) ** 2,
-            "image_token_id": cfg.image_token_id,
-            "vision_feature_layer": cfg.vision_feature_layer,
-            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-            "prompt": "<s> <image>x9 QUESTION  (answer read from the logits at the last prompt token)",
-        },
+        "architecture": _architecture(model),
         "data": {
             "world": "vlmscope.data shapes world",
             "image_size": IMAGE_SIZE, "grid": "3x3", "objects": "1-4", "shapes": list(SHAPES),
@@ -58,7 +92,7 @@ def shapes_llava_card(model, training: dict, config: dict, accuracy: dict[str, f
                    "betas": config["betas"], "weight_decay": config["weight_decay"],
                    "grad_clip": config["grad_clip"], "stop_at": config["stop_at"],
                    "eval_every": config["eval_every"], "command":
-                   f"vlmscope zoo train {NAME} --out runs/{NAME} --seed {config['seed']}"},
+                   f"vlmscope zoo train {name} --out runs/{name} --seed {config['seed']}"},
         "training": {"final_step": final_step, "seconds": round(training["elapsed_s"], 1),
                      "seconds_by_stage": {k: round(v, 1) for k, v in training["stage_seconds"].items()},
                      "hardware": "1 CPU thread (shared 2-core machine)", "validation": training["history"],
@@ -66,7 +100,7 @@ def shapes_llava_card(model, training: dict, config: dict, accuracy: dict[str, f
         "accuracy": {"seed": seed, "n": n, "per_family": accuracy},
         "checkpoints": {"steps": snapshot_steps + [final_step], "format": "fp16 snapshots of changed parts"
                         " (checkpoints/index.json), composed at load; final step = model.safetensors"},
-        "known_limits": KNOWN_LIMITS,
+        "known_limits": LIMITS_BY_NAME.get(name, KNOWN_LIMITS),
         "size_mb": None,
     }
 
@@ -82,11 +116,7 @@ def render_card_md(card: dict) -> str:
         f"{card['size_mb']} MB on disk"
         " with its checkpoints.", "",
         "## Architecture",
-        f"- Vision: CLIP, {a['vision']['hidden_size']} wide, {a['vision']['num_hidden_layers']} layers, "
-        f"{a['vision']['num_attention_heads']} heads, {a['vision']['image_size']}-px images, "
-        f"{a['vision']['patch_size']}-px patches: {a['image_tokens']} image tokens, one per grid cell.",
-        f"- Projector: 2-layer MLP (GELU); LLaVA reads vision layer {a['vision_feature_layer']}, "
-        "CLS dropped.",
+        *_connector_lines(a),
         f"- LM: Llama, {a['lm']['hidden_size']} wide, {a['lm']['num_hidden_layers']} layers, "
         f"{a['lm']['num_attention_heads']} heads x {a['lm']['head_dim']}, "
         f"vocabulary {a['lm']['vocab_size']} words.",
@@ -95,7 +125,7 @@ def render_card_md(card: dict) -> str:
         f"The shapes world: {card['data']['objects']} objects on a {card['data']['grid']} grid, "
         f"{len(card['data']['shapes'])} shapes, {len(card['data']['colours'])} colours, 2 sizes, backgrounds "
         f"{', '.join(card['data']['domains'])}. Training mix: {card['data']['training_mix']}.", "",
-        "## Recipe (LLaVA's stages)",
+        f"## Recipe ({'BLIP-2' if 'qformer' in a else 'LLaVA'}'s stages)",
     ]
     for s in card["recipe"]["stages"]:
         lines.append(f"- {s['name']}: trains {' + '.join(s['parts'])}, up to {s['steps']} steps, batch "
@@ -118,8 +148,23 @@ def render_card_md(card: dict) -> str:
     for h in t["validation"]:
         lines.append(f"| {h['step']} | " + " | ".join(f"{h['accuracy'][f]:.2f}" for f in FAMILIES) + " |")
     lines += ["", "## Checkpoints", f"Steps {card['checkpoints']['steps']}: {card['checkpoints']['format']}.",
+              *(["", "## Findings", *[f"- {x}" for x in card["findings"]]] if card.get("findings") else []),
               "", "## Known limits", *[f"- {x}" for x in card["known_limits"]], ""]
     return "\n".join(lines)
+
+
+def _connector_lines(a: dict) -> list[str]:
+    v = a["vision"]
+    tower = (f"{v['hidden_size']} wide, {v['num_hidden_layers']} layers, {v['num_attention_heads']} heads, "
+             f"{v['image_size']}-px images, {v['patch_size']}-px patches")
+    if "qformer" in a:
+        q = a["qformer"]
+        return [f"- Vision: BLIP-2 ViT, {tower}: CLS + 9 patch features, one patch per grid cell.",
+                f"- Q-Former: {q['hidden_size']} wide, {q['num_hidden_layers']} layers (cross-attention every"
+                f" {q['cross_attention_frequency']}), {a['num_query_tokens']} learned queries, then a linear"
+                f" projection: {a['image_tokens']} image tokens for the LM."]
+    return [f"- Vision: CLIP, {tower}: {a['image_tokens']} image tokens, one per grid cell.",
+            f"- Projector: 2-layer MLP (GELU); LLaVA reads vision layer {a['vision_feature_layer']}, CLS dropped."]
 
 
 

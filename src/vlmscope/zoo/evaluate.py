@@ -7,14 +7,14 @@ import torch
 
 from vlmscope.data.batches import examples_batch
 from vlmscope.data.sampling import Example, standard_examples
-from vlmscope.data.tokenizer import vocabulary
+from vlmscope.data.tokenizer import layout_of, vocabulary
 from vlmscope.data.vocab import FAMILIES
 
 
 @torch.no_grad()
 def answer_logits(model: torch.nn.Module, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at each row's last real token (batch, vocab) and the answer ids (batch,)."""
-    batch = examples_batch(examples, vocabulary())
+    batch = examples_batch(examples, vocabulary(), layout_of(model))
     x = batch.inputs
     logits = model(input_ids=x.input_ids, attention_mask=x.attention_mask, pixel_values=x.pixel_values).logits
     return logits[torch.arange(len(examples)), x.last], batch.answers  # (batch, vocab), (batch,)

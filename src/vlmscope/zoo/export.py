@@ -4,6 +4,7 @@ model card (card.json + card.md) with held-out accuracy measured on a fresh seed
 
     python -m vlmscope.zoo.export runs/shapes-llava --seed 2024 --n 1000
     python -m vlmscope.zoo.export runs/shapes-clip --name shapes-clip --seed 2024 --n 1000
+    python -m vlmscope.zoo.export runs/shapes-blip2 --name shapes-blip2 --seed 2024 --n 1000
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vlmscope.zoo.card import render_card_md, render_clip_card_md, shapes_clip_card, shapes_llava_card
+from vlmscope.zoo.card import generative_card, render_card_md, render_clip_card_md, shapes_clip_card
 from vlmscope.zoo.checkpoint import read_index, write_json_atomic
 from vlmscope.zoo.evaluate import evaluate
 from vlmscope.zoo.registry import MODELS
@@ -50,22 +51,29 @@ def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME
         shutil.rmtree(dest)
     (dest / "checkpoints").mkdir(parents=True)
     clip = name == "shapes-clip"
-    for f in CLIP_FILES if clip else FINAL_FILES:
-        shutil.copyfile(final / f, dest / f)
+    for f in sorted(final.iterdir()):  # config, fp32 weights, processor and tokenizer files
+        if f.is_file() and f.name != "training.json":
+            shutil.copyfile(f, dest / f.name)
     index = read_index(run / "checkpoints")
     chosen = choose_snapshots(index, max_instruct)
     for e in chosen:
         shutil.copyfile(run / "checkpoints" / e["file"], dest / "checkpoints" / e["file"])
     write_json_atomic(chosen, dest / "checkpoints" / "index.json")
     training = json.loads((final / "training.json").read_text())
-    from transformers import CLIPModel, LlavaForConditionalGeneration
+    from vlmscope.zoo.registry import CLASSES
 
-    model_cls, make_card = (CLIPModel, shapes_clip_card) if clip else (LlavaForConditionalGeneration,
-                                                                        shapes_llava_card)
+    model_cls = CLASSES[json.loads((final / "config.json").read_text())["architectures"][0]][0]
     model = model_cls.from_pretrained(final, local_files_only=True, use_safetensors=True)
     acc = evaluate(model, seed=seed, n=n)
-    card = make_card(model, training, json.loads((run / "config.json").read_text()), acc, seed, n,
-                     final_step=index[-1]["step"], snapshot_steps=[e["step"] for e in chosen])
+    config = json.loads((run / "config.json").read_text())
+    common = dict(final_step=index[-1]["step"], snapshot_steps=[e["step"] for e in chosen])
+    if clip:
+        card = shapes_clip_card(model, training, config, acc, seed, n, **common)
+    else:
+        from vlmscope.zoo.train import RECIPES
+
+        card = generative_card(model, training, config, acc, seed, n, **common, name=name,
+                               parts=RECIPES[name].parts)
     card["recipe"]["note"] = note
     write_json_atomic(card, dest / "card.json")  # size first measured without the card files
     card["size_mb"] = round(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 2**20, 2)
@@ -79,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--name", default=NAME, choices=[NAME, "shapes-clip"])
+    p.add_argument("--name", default=NAME, help="the zoo name to export as (shapes-llava, shapes-blip2, ...)")
     p.add_argument("--max-instruct", type=int, default=5,
                    help="snapshots kept from the last stage (shapes-clip: its only stage)")
     p.add_argument("--note", default="", help="how the run went, for the card (e.g. a resumption)")

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
     CLIPConfig,
     CLIPModel,
     CLIPProcessor,
@@ -24,6 +27,7 @@ MODELS = Path(__file__).parent / "models"
 CLASSES = {
     "LlavaForConditionalGeneration": (LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor),
     "CLIPModel": (CLIPModel, CLIPConfig, CLIPProcessor),
+    "Blip2ForConditionalGeneration": (Blip2ForConditionalGeneration, Blip2Config, Blip2Processor),
 }
 
 

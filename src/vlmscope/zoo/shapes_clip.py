@@ -229,8 +229,13 @@ def contrastive_batch(rng: np.random.Generator, n: int, single: float = 0.4, ful
 def contrastive_loss(model: CLIPModel, b: Batch) -> torch.Tensor:
     """Symmetric CLIP loss with soft targets over matching pairs; hard negatives join image -> text."""
     out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, pixel_values=b.pixel_values)
-    logits = out.logits_per_image  # (images, texts)
-    m = b.match.float()
+    return soft_clip_loss(out.logits_per_image, b.match)
+
+
+def soft_clip_loss(logits: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """The loss of contrastive_loss from logits (images, texts) and matches (images, texts) bool; the
+    first `images` texts are the images' own."""
+    m = match.float()
     i2t = -(m / m.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
     n = logits.shape[0]
     mt = m[:, :n]  # text -> image over the images' own texts (each is true of at least its image)

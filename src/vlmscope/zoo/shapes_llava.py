@@ -50,13 +50,9 @@ def build_patch_heads(seed: int) -> torch.nn.ModuleDict:
     return torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in PATCH_HEADS.items()})
 
 
-def part_keys(model: torch.nn.Module, parts: tuple[str, ...]) -> list[str]:
-    """State-dict keys of the named parts (see PARTS)."""
-    prefixes = tuple(p for part in parts for p in PARTS[part])
-    return [k for k in model.state_dict() if k.startswith(prefixes)]
-
-
-def part_parameters(model: torch.nn.Module, parts: tuple[str, ...]) -> list[torch.nn.Parameter]:
-    """Parameters of the named parts, in a fixed order."""
-    prefixes = tuple(p for part in parts for p in PARTS[part])
-    return [p for k, p in model.named_parameters() if k.startswith(prefixes)]
+def pretrain_loss(model, heads: torch.nn.ModuleDict, stage: str, batch) -> torch.Tensor:
+    """Stage "vision": per-patch attributes from the tower layer the LM reads (CLS dropped)."""
+    out = model.model.vision_tower(batch.pixel_values, output_hidden_states=True)
+    feats = out.hidden_states[-1][:, 1:]  # (batch, 9, d_vision)
+    return sum(torch.nn.functional.cross_entropy(h(feats).flatten(0, 1), batch.labels[k].flatten())
+               for k, h in heads.items())

@@ -1,13 +1,15 @@
-"""Training shapes-llava in LLaVA's stages (Liu et al., 2023), with the recipe measured in the zoo
-pilots: (1) vision-tower pre-training with per-patch heads (colour, shape, size, row, col),
-(2) projector alignment (projector only), (3) instruction tuning (projector + LM) on the six question
-families with the binding curriculum and lagging-family re-weighting, early-stopped at >= 0.97.
+"""Training the zoo's generative VLMs in stages. shapes-llava in LLaVA's (Liu et al., 2023), with the
+recipe measured in the zoo pilots: (1) vision-tower pre-training with per-patch heads (colour, shape,
+size, row, col), (2) projector alignment (projector only), (3) instruction tuning (projector + LM) on
+the six question families with the binding curriculum and lagging-family re-weighting, early-stopped
+at >= 0.97. shapes-blip2 in BLIP-2's (see BLIP2_CONFIG): tower, Q-Former, then generative training.
 
 Deterministic for a seed: each step's data comes from its own numpy generator (seed, stage, step),
 and the resumable state (weights, optimizer, RNG, family weights) is written atomically, so a killed
 run resumed from its directory ends with the same weights as an uninterrupted one.
 
     python -m vlmscope.zoo.train shapes-llava --out runs/shapes-llava [--seed 0] [--steps N]
+    python -m vlmscope.zoo.train shapes-blip2 --out runs/shapes-blip2
 
 (`shapes-clip` is trained by train_clip.py with the same state and snapshot machinery.)
 """
@@ -18,8 +20,10 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,10 +32,10 @@ from tqdm import tqdm
 
 from vlmscope.data.batches import family_weights, patch_batch, qa_batch
 from vlmscope.data.sampling import standard_examples
-from vlmscope.data.tokenizer import build_processor
+from vlmscope.data.tokenizer import LLAVA_LAYOUT, Layout, build_blip2_processor, build_processor
 from vlmscope.zoo import checkpoint as ck
+from vlmscope.zoo import shapes_blip2, shapes_llava, shapes_llava_contrastive
 from vlmscope.zoo.evaluate import accuracy
-from vlmscope.zoo.shapes_llava import NAME, build_model, build_patch_heads, part_keys, part_parameters
 
 STATE = "state.safetensors"
 
@@ -109,16 +113,74 @@ def global_step(cfg: TrainConfig, stage: int, step: int) -> int:
     return sum(s.total for s in cfg.stages[:stage]) + step
 
 
-def _loss(model, heads, stage: Stage, step: int, rng: np.random.Generator, weights: dict[str, float],
-          cfg: TrainConfig):
-    if stage.name == "vision":
-        b = patch_batch(rng, stage.batch_size)
-        out = model.model.vision_tower(b.pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[-1][:, 1:]  # (batch, 9, d_vision): the layer the LM reads, CLS dropped
-        return sum(torch.nn.functional.cross_entropy(h(feats).flatten(0, 1), b.labels[k].flatten())
-                   for k, h in heads.items())
+@dataclass(frozen=True)
+class Recipe:
+    """What differs between the zoo's generative VLMs: the model, the heads and losses of its
+    pre-training stages (on per-patch labels), its parameter groups, its prompt layout, its processor."""
+
+    name: str
+    build_model: Callable[[int], torch.nn.Module]
+    build_heads: Callable[[int], torch.nn.ModuleDict]
+    pretrain_loss: Callable[..., torch.Tensor]  # (model, heads, stage name, PatchBatch) -> loss
+    pretrain_stages: tuple[str, ...]  # the stages trained on per-patch labels; the rest answer questions
+    parts: dict[str, tuple[str, ...]]  # part -> state-dict prefixes
+    layout: Layout
+    build_processor: Callable[[], Any]
+    config: TrainConfig
+    pretrain_batch: Callable[[np.random.Generator, int], Any] = patch_batch  # (rng, batch size) -> batch
+
+    def part_keys(self, model: torch.nn.Module, parts: tuple[str, ...]) -> list[str]:
+        """State-dict keys of the named parts."""
+        prefixes = tuple(p for part in parts for p in self.parts[part])
+        return [k for k in model.state_dict() if k.startswith(prefixes)]
+
+    def part_parameters(self, model: torch.nn.Module, parts: tuple[str, ...]) -> list[torch.nn.Parameter]:
+        """Parameters of the named parts, in a fixed order."""
+        prefixes = tuple(p for part in parts for p in self.parts[part])
+        return [p for k, p in model.named_parameters() if k.startswith(prefixes)]
+
+
+# shapes-blip2 in BLIP-2's stages (Li et al., 2023): the tower (per-patch heads, as shapes-llava's),
+# the Q-Former's representation learning against the frozen tower, then generative training of the
+# Q-Former, projection and LM together (BLIP-2 keeps its LLM frozen; this LM starts from scratch).
+BLIP2_CONFIG = TrainConfig(stages=(
+    Stage("vision", ("vision",), 500, 64, 2e-3, 50, snapshots=(100,)),
+    Stage("qformer", ("qformer",), 600, 64, 1e-3, 50, snapshots=(200,)),
+    Stage("instruct", ("qformer", "projector", "lm"), 16_000, 32, 1e-3, 200, floor=0.02,
+          snapshots=(1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 14000)),
+))
+
+# shapes-llava-contrastive: shapes-llava's recipe with the tower pre-trained against captions (longer:
+# a contrastive tower needs more steps than per-patch heads), instruction tuning capped at 7,000 steps
+# so that it meets shapes-llava's checkpoint of the same instruction step
+CONTRASTIVE_CONFIG = TrainConfig(stages=(
+    Stage("vision", ("vision",), 3000, 64, 2e-3, 200, floor=0.02, snapshots=(500, 1500)),
+    Stage("align", ("projector",), 300, 32, 1e-3, 30),
+    Stage("instruct", ("projector", "lm"), 7000, 32, 1e-3, 200, floor=0.02,
+          snapshots=(1000, 2000, 3000, 4000, 5000, 6000)),
+))
+
+RECIPES: dict[str, Recipe] = {
+    shapes_llava.NAME: Recipe(
+        shapes_llava.NAME, shapes_llava.build_model, shapes_llava.build_patch_heads, shapes_llava.pretrain_loss,
+        ("vision",), shapes_llava.PARTS, LLAVA_LAYOUT, build_processor, TrainConfig()),
+    shapes_blip2.NAME: Recipe(
+        shapes_blip2.NAME, shapes_blip2.build_model, shapes_blip2.build_heads, shapes_blip2.pretrain_loss,
+        ("vision", "qformer"), shapes_blip2.PARTS, shapes_blip2.LAYOUT,
+        lambda: build_blip2_processor(shapes_blip2.N_QUERIES), BLIP2_CONFIG),
+    shapes_llava_contrastive.NAME: Recipe(
+        shapes_llava_contrastive.NAME, shapes_llava.build_model, shapes_llava_contrastive.build_heads,
+        shapes_llava_contrastive.pretrain_loss, ("vision",), shapes_llava.PARTS, LLAVA_LAYOUT, build_processor,
+        CONTRASTIVE_CONFIG, shapes_llava_contrastive.pretrain_batch),
+}
+
+
+def _loss(recipe: Recipe, model, heads, stage: Stage, step: int, rng: np.random.Generator,
+          weights: dict[str, float], cfg: TrainConfig):
+    if stage.name in recipe.pretrain_stages:
+        return recipe.pretrain_loss(model, heads, stage.name, recipe.pretrain_batch(rng, stage.batch_size))
     hard = cfg.hard_fraction * min(1.0, step / cfg.hard_ramp) if cfg.hard_ramp else cfg.hard_fraction
-    b = qa_batch(rng, stage.batch_size, weights, hard)
+    b = qa_batch(rng, stage.batch_size, weights, hard, layout=recipe.layout)
     x = b.inputs
     logits = model(input_ids=x.input_ids, attention_mask=x.attention_mask, pixel_values=x.pixel_values).logits
     return torch.nn.functional.cross_entropy(logits[torch.arange(len(b.answers)), x.last], b.answers)
@@ -135,20 +197,23 @@ def _save_state(out: Path, model, heads, opt, prog: Progress) -> None:
     ck.save_atomic(tensors, out / STATE, {"progress": asdict(prog), "param_groups": groups})
 
 
-def _snapshot(out: Path, cfg: TrainConfig, model, stage_i: int, step: int) -> None:
+def _snapshot(out: Path, recipe: Recipe, cfg: TrainConfig, model, stage_i: int, step: int) -> None:
     stage = cfg.stages[stage_i]
-    keys = part_keys(model, stage.parts) if step > 0 or stage_i > 0 else list(model.state_dict())
+    keys = recipe.part_keys(model, stage.parts) if step > 0 or stage_i > 0 else list(model.state_dict())
     step = global_step(cfg, stage_i, step)
     ck.write_snapshot(out / "checkpoints", step, stage.name, model.state_dict(), keys)
 
 
-def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None = None,
-          progress_bar: bool = True) -> Progress:
-    """Train (or resume) into `out`; returns the final progress. `halt_at` (a global step) stops the
-    run there without saving, as a kill would: used to test resumption."""
+def train(out: str | Path, cfg: TrainConfig | None = None, halt_at: int | None = None,
+          progress_bar: bool = True, recipe: Recipe | str = "shapes-llava") -> Progress:
+    """Train (or resume) a zoo VLM into `out` (by default shapes-llava with its shipped recipe);
+    returns the final progress. `halt_at` (a global step) stops the run there without saving, as a
+    kill would: used to test resumption."""
+    recipe = RECIPES[recipe] if isinstance(recipe, str) else recipe
+    cfg = cfg or recipe.config
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, heads = build_model(cfg.seed), build_patch_heads(cfg.seed)
+    model, heads = recipe.build_model(cfg.seed), recipe.build_heads(cfg.seed)
     for p in model.parameters():
         p.requires_grad_(False)
     prog, saved = Progress(), None
@@ -161,11 +226,11 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
         torch.set_rng_state(saved["rng.torch"])
     else:
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-        _snapshot(out, cfg, model, 0, 0)
+        _snapshot(out, recipe, cfg, model, 0, 0)
     while not prog.done:
         stage = cfg.stages[prog.stage]
-        params = part_parameters(model, stage.parts)
-        params += list(heads.parameters()) if stage.name == "vision" else []
+        params = recipe.part_parameters(model, stage.parts)
+        params += list(heads.parameters()) if stage.name in recipe.pretrain_stages else []
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.AdamW(params, lr=stage.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -174,7 +239,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
             ck.load_optimizer(opt, ck.split_prefix(saved, "optim"), groups)
         saved = None
         model.train()
-        bar = tqdm(range(prog.step, stage.total), desc=f"{NAME} {stage.name}", initial=prog.step,
+        bar = tqdm(range(prog.step, stage.total), desc=f"{recipe.name} {stage.name}", initial=prog.step,
                    total=stage.total, disable=not progress_bar, mininterval=10)
         t0, stop = time.perf_counter(), False
         for step in bar:
@@ -183,7 +248,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
             rng = np.random.default_rng([cfg.seed, prog.stage, step])
             for g in opt.param_groups:
                 g["lr"] = lr_at(stage, step)
-            loss = _loss(model, heads, stage, step, rng, family_weights(prog.accuracy), cfg)
+            loss = _loss(recipe, model, heads, stage, step, rng, family_weights(prog.accuracy), cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -197,7 +262,7 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
                 bar.write(f"step {done}: " + " ".join(f"{k} {v:.2f}" for k, v in prog.accuracy.items()))
                 model.train()
             if done in stage.snapshots or done == stage.total or stop:
-                _snapshot(out, cfg, model, prog.stage, done)
+                _snapshot(out, recipe, cfg, model, prog.stage, done)
             now = time.perf_counter()
             prog.elapsed_s += now - t0
             prog.stage_seconds[stage.name] = prog.stage_seconds.get(stage.name, 0.0) + now - t0
@@ -213,15 +278,15 @@ def train(out: str | Path, cfg: TrainConfig = TrainConfig(), halt_at: int | None
         prog.stage, prog.step = prog.stage + 1, 0
         prog.done = stop or prog.stage == len(cfg.stages)
         _save_state(out, model, heads, None, prog)
-    _export_final(out, model, prog)
+    _export_final(out, recipe, model, prog)
     return prog
 
 
-def _export_final(out: Path, model, prog: Progress) -> None:
+def _export_final(out: Path, recipe: Recipe, model, prog: Progress) -> None:
     """The trained model as a transformers directory (config, fp32 safetensors, processor)."""
     model.eval()
     model.save_pretrained(out / "final", safe_serialization=True)
-    build_processor().save_pretrained(out / "final")
+    recipe.build_processor().save_pretrained(out / "final")
     ck.write_json_atomic(asdict(prog), out / "final" / "training.json")
 
 
@@ -233,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=[NAME, "shapes-clip"])
+    parser.add_argument("name", choices=[*RECIPES, "shapes-clip"])
     parser.add_argument("--out", required=True, help="run directory (resumes if it holds a state)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=None,
@@ -247,12 +312,13 @@ def run(args: argparse.Namespace) -> Progress:
     torch.set_num_threads(1)
     if args.name == "shapes-clip":
         return _run_clip(args)
-    cfg = TrainConfig(seed=args.seed)
+    recipe = RECIPES[args.name]
+    cfg = replace(recipe.config, seed=args.seed)
     if args.steps is not None:
         last = replace(cfg.stages[-1], steps=args.steps, replan=None,
                        snapshots=tuple(s for s in cfg.stages[-1].snapshots if s < args.steps))
         cfg = replace(cfg, stages=(*cfg.stages[:-1], last))
-    prog = train(args.out, cfg, halt_at=args.halt_at)
+    prog = train(args.out, cfg, halt_at=args.halt_at, recipe=recipe)
     print(json.dumps({"done": prog.done, "elapsed_s": round(prog.elapsed_s, 1), "accuracy": prog.accuracy}))
     return prog
 
