@@ -57,7 +57,7 @@ def compare(models: Sequence, experiment: Experiment, threshold: float = 0.1) ->
         names.append(name)
         for spec in experiment.methods:
             result, scores = run_method(vlm, spec, experiment.seed)
-            if spec.kind == "probe":
+            if spec.traces:
                 records += _trace_records(name, spec.name, result)
             records += [{"model": name, "method": spec.name, "site": None, "part": None, "depth": None,
                          "metric": k, "value": float(v)} for k, v in scores.items() if isinstance(v, (int, float))]
@@ -140,12 +140,14 @@ def over_training(name: str, experiment: Experiment, steps: Sequence[int] | None
         row = {f"accuracy {k}": v for k, v in zoo.evaluate(vlm.model, seed=experiment.seed, n=n_eval).items()}
         for spec in experiment.methods:
             result, scores = run_method(vlm, spec, experiment.seed)
-            if spec.kind == "probe":
+            if spec.traces:
+                label = ("scene " if spec.kind == "scene" else "") + spec.options["attribute"]
+                last_vision = [x for x in result.sites if x.startswith("vision.")][-1]
                 for site, score in zip(result.sites, result.score.tolist()):
-                    if site.startswith("vision.") and site == [x for x in result.sites if x.startswith("vision.")][-1]:
-                        row[f"{spec.options['attribute']} decodable, last vision block"] = score
+                    if site == last_vision:
+                        row[f"{label} decodable, last vision block"] = score
                     if site == "connector.out":
-                        row[f"{spec.options['attribute']} decodable, connector"] = score
+                        row[f"{label} decodable, connector"] = score
             row.update({f"{spec.name}: {k}": float(v) for k, v in scores.items() if isinstance(v, (int, float))})
         for k in row:
             table.setdefault(k, [float("nan")] * steps.index(s))

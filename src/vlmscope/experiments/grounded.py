@@ -26,7 +26,9 @@ def where_is_it_lost(vlm, attribute: str = "colour", n: int = 300, seed: int = 0
     exs = truth.examples(seed, n)
     x = truth.inputs_for(vlm, exs)
     scenes = [e.scene for e in exs]
-    streams = [s for s in ("vision", "connector", "lm") if s in vlm.positions(x)]
+    pos = vlm.positions(x)
+    # streams with one token per patch; a resampler's queries (BLIP-2) have none: see scene_probe
+    streams = [s for s in ("vision", "connector", "lm") if s in pos and bool((pos[s].row >= 0).any())]
     labels = {s: truth.patch_labels(vlm, x, scenes, attribute, stream=s) for s in streams}
     trace = trace_concept(vlm, x, labels, target=attribute)
     last_vision = [s for s in trace.sites if s.startswith("vision.")][-1]
@@ -81,8 +83,11 @@ def lens_word_accuracy(vlm, n: int = 60, seed: int = 0, k: int = 1) -> tuple[Len
     tok = vlm.tokenizer
     colour_ids = tok.convert_tokens_to_ids(list(COLOURS))
     shape_ids = tok.convert_tokens_to_ids(list(SHAPES))
-    owner = truth.patch_labels(vlm, x, [e.scene for e in exs], "cell")  # object's cell at each patch
     pos = vlm.positions(x)["lm"]
+    if not bool((pos.row >= 0).any()):  # no LM token belongs to a patch (BLIP-2's queries): no check
+        nan = [float("nan")] * len(res.layers)
+        return res, {"object patch names its object": nan, "background patch names a scene object": nan}
+    owner = truth.patch_labels(vlm, x, [e.scene for e in exs], "cell")  # object's cell at each patch
     obj_hit, bg_hit = [], []
     for li in range(len(res.layers)):
         hits_o, n_o, hits_b, n_b = 0, 0, 0, 0
@@ -105,14 +110,19 @@ def lens_word_accuracy(vlm, n: int = 60, seed: int = 0, k: int = 1) -> tuple[Len
     return res, {"object patch names its object": obj_hit, "background patch names a scene object": bg_hit}
 
 
-def sip_localisation(vlm, n_pairs: int = 8, seed: int = 0, sites: str | Sequence[str] = "lm.blocks.*.resid_post",
+def sip_localisation(vlm, n_pairs: int = 8, seed: int = 0, sites: str | Sequence[str] | None = None,
                      top: int | None = None) -> tuple[PatchingResult, dict[str, float]]:
     """Denoising over (layer x image patch) on semantic image pairs: do the early layers' largest
     per-patch effects fall on the changed object's patches? Precision of the top patches
-    (top = the changed object's patch count) against the known mask, per layer and overall."""
+    (top = the changed object's patch count) against the known mask, per layer and overall.
+    sites: default the LM's residual stream, or the vision tower's when the LM has no per-patch
+    tokens (a Q-Former's queries)."""
     pairs = truth.counterfactual_pairs(seed, n_pairs, "sip")
     clean = truth.inputs_for(vlm, [p.clean for p in pairs])
     corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
+    if sites is None:
+        lm_patches = bool((vlm.positions(clean)["lm"].row >= 0).any())
+        sites = "lm.blocks.*.resid_post" if lm_patches else "vision.blocks.*.resid_post"
     good = truth.answer_ids(vlm, [p.clean for p in pairs])
     bad = truth.answer_ids(vlm, [p.corrupt for p in pairs])
     res = patch_sweep(vlm, clean, corrupt, logit_diff(good, bad), sites=sites, positions="patches")

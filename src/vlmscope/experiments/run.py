@@ -8,6 +8,8 @@ from pathlib import Path
 
 from vlmscope.errors import InputError
 from vlmscope.experiments import grounded
+from vlmscope.experiments.accuracy import task_accuracy
+from vlmscope.experiments.scene_probe import scene_trace
 from vlmscope.experiments.spec import Experiment, MethodSpec, UserData
 
 
@@ -38,6 +40,9 @@ def run_on_user_data(vlm, spec: MethodSpec, data: UserData, seed: int) -> tuple[
     from vlmscope.methods.patching import patch_sweep
     from vlmscope.methods.probing import probe_sites
 
+    if spec.kind in ("scene", "accuracy"):
+        raise InputError(f"method kind {spec.kind!r} needs the shapes world's ground truth; on your own data use "
+                         "probe, lens, patch or knockout")
     x = user_inputs(vlm, data)
     if spec.kind == "lens":
         result = logit_lens(vlm, x)
@@ -50,7 +55,8 @@ def run_on_user_data(vlm, spec: MethodSpec, data: UserData, seed: int) -> tuple[
         return result, {"strongest window start": result.strongest()}
     if spec.kind == "patch":
         noise = gaussian_noise(vlm, x, seed=seed)
-        result = patch_sweep(vlm, x, x, _own_answer(vlm, x), sites=spec.options["sites"], positions="roles",
+        sites = "lm.blocks.*.resid_post" if spec.options["sites"] == "auto" else spec.options["sites"]
+        result = patch_sweep(vlm, x, x, _own_answer(vlm, x), sites=sites, positions="roles",
                              corrupt_interventions=[noise])
         return result, {f"restores at {c}: {g}": float(result.effect[i, j]) for i, c in enumerate(result.components)
                         for j, g in enumerate(result.groups) if g == "image"}
@@ -68,11 +74,16 @@ def run_method(vlm, spec: MethodSpec, seed: int, out: Path | None = None, data: 
         result, scores = run_on_user_data(vlm, spec, data, seed)
     elif spec.kind == "probe":
         result, _, scores = grounded.where_is_it_lost(vlm, o["attribute"], n=o["n"], seed=seed)
+    elif spec.kind == "scene":
+        result, scores = scene_trace(vlm, o["attribute"], n=o["n"], seed=seed)
+    elif spec.kind == "accuracy":
+        result, scores = task_accuracy(vlm, n=o["n"], seed=seed, name=getattr(vlm, "name", None))
     elif spec.kind == "lens":
         result, curves = grounded.lens_word_accuracy(vlm, n=o["n"], seed=seed)
         scores = {k: max(v) for k, v in curves.items()}
     elif spec.kind == "patch":
-        result, scores = grounded.sip_localisation(vlm, n_pairs=o["n"], seed=seed, sites=o["sites"])
+        sites = None if o["sites"] == "auto" else o["sites"]
+        result, scores = grounded.sip_localisation(vlm, n_pairs=o["n"], seed=seed, sites=sites)
     else:
         result, _, scores = grounded.image_flow_knockout(vlm, n=o["n"], seed=seed, window=o["window"])
     if out is not None:

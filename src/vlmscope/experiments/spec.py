@@ -3,7 +3,7 @@
     model = "shapes-llava"        # a zoo name or a local checkpoint folder
     seed = 0
     [[method]]
-    kind = "probe"                # probe | lens | patch | knockout
+    kind = "probe"                # probe | lens | patch | knockout | scene | accuracy
     attribute = "colour"
     [[method]]
     kind = "patch"
@@ -25,8 +25,10 @@ from vlmscope.errors import InputError
 METHOD_KEYS: dict[str, dict[str, Any]] = {
     "probe": {"attribute": "colour", "n": 300},
     "lens": {"n": 60},
-    "patch": {"n": 8, "sites": "lm.blocks.*.resid_post"},
+    "patch": {"n": 8, "sites": "auto"},  # auto: the LM's residual stream, or the tower's if the LM has no patches
     "knockout": {"n": 120, "window": 1},
+    "scene": {"attribute": "colour", "n": 600},  # the scene probe: what is at each cell, from all image tokens
+    "accuracy": {"n": 600},  # task accuracy per question family
 }
 
 
@@ -39,6 +41,11 @@ class MethodSpec:
     def name(self) -> str:
         extra = self.options.get("attribute")
         return f"{self.kind}-{extra}" if extra else self.kind
+
+    @property
+    def traces(self) -> bool:
+        """Whether the result is a ConceptTrace (a decodability curve through the parts)."""
+        return self.kind in ("probe", "scene")
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,13 @@ figcaption { font-size: .85em; color: #555; max-width: 440px } section { margin-
 </style></head><body>
 <h1>vlmscope report</h1>
 <p class="sub">model <b>{{ model }}</b> · seed {{ seed }} · {{ seconds }} s · vlmscope {{ version }}</p>
-<h2 id="scorecard">Ground-truth scorecard</h2>
+{% if scorecard %}<h2 id="scorecard">Ground-truth scorecard</h2>
 <p>Each method is checked against what the shapes world knows to be true. A method that passes its
 check on this model can be trusted to localise or decode this kind of fact; one that fails cannot.</p>
 <table><tr><th>family</th><th>check</th><th>score</th><th>bar</th><th>verdict</th></tr>
 {% for row in scorecard %}<tr><td>{{ row.family }}</td><td>{{ row.check }}</td><td class="num">{{ row.value }}</td>
 <td class="num">{{ row.bar }}</td><td class="{{ row.css }}">{{ row.verdict }}</td></tr>
-{% endfor %}</table>
+{% endfor %}</table>{% endif %}
 {% for s in sections %}<section id="{{ s.key }}"><h2>{{ s.title }}</h2>
 <p class="reading">{{ s.reading }}</p>
 {% for f in s.figures %}<figure><img alt="{{ f.caption }}" src="data:image/png;base64,{{ f.data }}"><figcaption>{{ f.caption }}</figcaption></figure>{% endfor %}
@@ -200,6 +200,15 @@ def _reading(key: str, root: Path) -> str:
     return ""
 
 
+def write_study(root: str | Path, label: str, sections: list[dict], seed: int = 0) -> Path:
+    """A report for a study across models or checkpoints: `sections` are {"key" (the result's folder
+    under root), "title", "reading"}; no scorecard (each model's own report has one)."""
+    root = Path(root)
+    manifest = {"model": label, "seed": seed, "study": True, "stages": sections}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return build_report(root)
+
+
 def build_report(root: str | Path, out: str | Path | None = None) -> Path:
     """Write `index.html` for a results folder (as written by `vlmscope demo` / `vlmscope run`)."""
     root = Path(root)
@@ -217,7 +226,7 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
                          "reading": _reading(stage["key"], root) or stage.get("reading", "")})
     page = Environment(autoescape=True).from_string(TEMPLATE).render(
         model=manifest["model"], seed=manifest.get("seed", 0), seconds=manifest.get("seconds", "?"),
-        version=__version__, scorecard=scorecard(root), sections=sections,
+        version=__version__, scorecard=[] if manifest.get("study") else scorecard(root), sections=sections,
     )
     path = Path(out) if out else root / "index.html"
     path.write_text(page)

@@ -21,7 +21,7 @@ def plotter(kind: str):
 
 
 def plot(result, **kwargs):
-    from vlmscope.report import plots_features  # noqa: F401  (registers the SAE and explanation plots)
+    from vlmscope.report import plots_features, plots_studies  # noqa: F401  (register their plots)
 
     try:
         fn = _PLOTTERS[result.kind]
@@ -137,6 +137,19 @@ def over_training(r, ax=None, metrics=None):
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=6, loc="lower right")
     ax.set_title(f"{r.model} over training (dotted: phase changes, jump >= {r.threshold})")
+    fig.tight_layout()
+    return fig
+
+
+@plotter("task_accuracy")
+def task_accuracy(r, ax=None):
+    """Accuracy per question family."""
+    fig, ax = _axes(ax, (5, 2.6))
+    ax.bar(range(len(r.families)), r.accuracy.numpy(), color="tab:blue")
+    ax.set_xticks(range(len(r.families)), list(r.families), fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{r.model}: accuracy per family (n = {r.n})")
     fig.tight_layout()
     return fig
 

@@ -1,0 +1,92 @@
+"""The scene probe: what is at each grid cell, read from *all* of a stream's image tokens together.
+
+A per-patch probe needs one token per cell, which a resampler (BLIP-2's queries) does not keep. The
+scene probe asks the same question of every architecture: for each cell c, a linear probe on the
+concatenated image tokens of one image (vision: CLS + patches; connector: its output tokens; LM:
+the image positions) predicts the attribute of the object at c, or "empty". Its mean accuracy over
+the cells measures how much of the scene's layout -- which object is where -- a site still holds,
+so position lost at a connector shows as a fall between the tower and the connector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vlmscope.data import patch_objects
+from vlmscope.data.vocab import GRID
+from vlmscope.methods.probing import ConceptTrace, ProbeConfig, fit_probes
+from vlmscope.model.positions import IMAGE
+from vlmscope.zoo import truth
+
+SCENE_ATTRIBUTES = ("colour", "shape", "size", "object")  # "object": is there an object at the cell at all
+
+
+def cell_labels(scenes: Sequence, attribute: str) -> torch.Tensor:
+    """(cell, scene) class of the object at each cell (its `attribute` value), or the extra class
+    "empty"; attribute "object" gives 1 for an object, 0 for none."""
+    if attribute not in SCENE_ATTRIBUTES:
+        raise ValueError(f"unknown scene attribute {attribute!r}; valid: {', '.join(SCENE_ATTRIBUTES)}")
+    empty = 0 if attribute == "object" else len(truth.ATTRIBUTES[attribute])
+    out = torch.full((GRID * GRID, len(scenes)), empty, dtype=torch.long)
+    for b, scene in enumerate(scenes):
+        owner = patch_objects(scene, (GRID, GRID)).ravel()  # (cells,) object index or -1
+        for c, k in enumerate(owner.tolist()):
+            if k >= 0:
+                out[c, b] = 1 if attribute == "object" else truth.object_value(scene.objects[k], attribute)
+    return out
+
+
+def default_sites(vlm) -> list[str]:
+    """Each block's residual output and the connector's output, in forward order."""
+    return [s for s in vlm.sites() if (s.endswith(".resid_post") or s == "connector.out")
+            and vlm.site(s).stream in ("vision", "connector", "lm")]
+
+
+def image_tokens(vlm, inputs, cache, site: str, n: int) -> torch.Tensor:
+    """(examples, tokens * d): a site's image tokens of each example, concatenated in order (the
+    whole sequence for vision streams, whose rows are images)."""
+    stream = vlm.site(site).stream
+    act = cache[site].float().cpu()  # (rows, pos, d)
+    if stream == "vision":
+        return act.reshape(n, -1)
+    pos = vlm.positions(inputs)[stream]
+    keep = pos.role == IMAGE  # (rows, pos)
+    per_row = keep.sum(1)
+    if not bool((per_row == per_row[0]).all()):
+        raise ValueError(f"{site}: examples have different numbers of image tokens ({per_row.tolist()}); the scene "
+                         "probe needs one fixed layout")
+    return act[keep].reshape(n, -1)
+
+
+def scene_trace(vlm, attribute: str = "colour", n: int = 600, seed: int = 0, sites: Sequence[str] | None = None,
+                config: ProbeConfig | None = None) -> tuple[ConceptTrace, dict[str, float]]:
+    """The scene probe at every site; score = mean test accuracy over the 9 cells. Scores: the last
+    vision block, the connector, the last LM block, and the largest fall."""
+    exs = truth.examples(seed, n)
+    x = truth.inputs_for(vlm, exs)
+    sites = list(sites or default_sites(vlm))
+    labels = cell_labels([e.scene for e in exs], attribute)  # (cell, n)
+    _, cache = vlm.run_with_cache(x, sites)
+    cells = labels.shape[0]
+    score, control = [], []
+    for site in sites:
+        feats = image_tokens(vlm, x, cache, site, n)  # (n, tokens * d)
+        r = fit_probes(feats.expand(cells, -1, -1), labels, config, target=f"{attribute} at each cell")
+        score.append(float(r.score.mean()))
+        control.append(float(r.control_score.mean()))
+    s = torch.tensor(score)
+    falls = s[:-1] - s[1:]
+    k = int(falls.argmax()) if len(falls) else 0
+    trace = ConceptTrace(target=f"{attribute} at each cell", sites=tuple(sites),
+                         parts=tuple(t.split(".")[0] for t in sites), score=s, control_score=torch.tensor(control),
+                         n_rows=torch.full((len(sites),), n), drop_after=sites[k],
+                         drop=float(falls[k]) if len(falls) else 0.0)
+    last = {part: [t for t in sites if t.startswith(part + ".")] for part in ("vision", "lm")}
+    scores = {f"scene {attribute} at {last['vision'][-1]}": score[sites.index(last["vision"][-1])],
+              f"scene {attribute} at {last['lm'][-1]}": score[sites.index(last["lm"][-1])],
+              f"largest drop in scene {attribute}": trace.drop, "drop after": trace.drop_after}
+    if "connector.out" in sites:
+        scores[f"scene {attribute} at connector.out"] = score[sites.index("connector.out")]
+    return trace, scores
