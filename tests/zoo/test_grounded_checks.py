@@ -9,6 +9,7 @@ from vlmscope import zoo
 from vlmscope.experiments import grounded
 from vlmscope.methods.attribution import attribution_patching, compare
 from vlmscope.methods.metrics import logit_diff
+from vlmscope.methods.patching import patch_sweep
 from vlmscope.zoo import truth
 
 NAME = os.environ.get("VLMSCOPE_ZOO_TEST_MODEL", "shapes-llava")
@@ -51,18 +52,34 @@ def test_image_flow_has_a_window_whose_knockout_drops_accuracy_to_chance(vlm):
     assert acc.values.mean(1).max() >= 0.8  # some single layer can be blocked without losing the answer
 
 
-def test_attribution_patching_tracks_exact_patching_on_the_zoo(vlm):
-    pairs = truth.counterfactual_pairs(15, 6, "sip")
+def _pairs(vlm, seed: int, n: int, kind: str):
+    """Clean and corrupt inputs of n counterfactual pairs, and the clean-vs-corrupt answer logit difference."""
+    pairs = truth.counterfactual_pairs(seed, n, kind)
     clean = truth.inputs_for(vlm, [p.clean for p in pairs])
     corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
     metric = logit_diff(truth.answer_ids(vlm, [p.clean for p in pairs]),
                         truth.answer_ids(vlm, [p.corrupt for p in pairs]))
-    from vlmscope.methods.patching import patch_sweep
+    return clean, corrupt, metric
 
+
+def test_attribution_patching_tracks_exact_patching_on_the_zoo(vlm):
+    clean, corrupt, metric = _pairs(vlm, 15, 6, "sip")
     exact = patch_sweep(vlm, clean, corrupt, metric, positions="each")
     approx = attribution_patching(vlm, clean, corrupt, metric, positions="each")
     agree = compare(exact, approx)
     assert agree.pearson["all"] >= 0.9, agree
+
+
+def test_integrated_gradients_track_exact_patching_on_str_pairs(vlm):
+    # STR swaps a whole question word: too large a patch for AtP's first-order estimate (r ~0.5-0.7
+    # here), while integrated gradients (8 steps) measured r 0.96-0.99 per site type over 7 seeds
+    clean, corrupt, metric = _pairs(vlm, 17, 8, "str")
+    sites = ["lm.blocks.*.resid_post", "lm.blocks.*.attn.out", "lm.blocks.*.mlp.out"]
+    exact = patch_sweep(vlm, clean, corrupt, metric, sites=sites)
+    ig = compare(exact, attribution_patching(vlm, clean, corrupt, metric, sites=sites, method="ig", steps=8))
+    atp = compare(exact, attribution_patching(vlm, clean, corrupt, metric, sites=sites))
+    assert min(ig.pearson.values()) >= 0.95, ig
+    assert ig.pearson["all"] > atp.pearson["all"] + 0.2, (ig, atp)
 
 
 def test_lens_word_accuracy_is_measured_per_layer(vlm):
