@@ -26,7 +26,7 @@ TINY_BY_RECIPE = {
     "shapes-blip2": replace(TINY, stages=(
         Stage("vision", ("vision",), 2, 4, 2e-3, 1),
         Stage("qformer", ("qformer",), 2, 4, 1e-3, 1, snapshots=(1,)),
-        Stage("instruct", ("qformer", "projector", "lm"), 4, 4, 1e-3, 2, snapshots=(2,)),
+        Stage("instruct", ("projector", "lm"), 4, 4, 1e-3, 2, snapshots=(2,)),
     )),
     "shapes-llava-contrastive": replace(TINY, stages=(
         Stage("vision", ("vision",), 3, 4, 2e-3, 1),

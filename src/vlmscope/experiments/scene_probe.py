@@ -83,10 +83,10 @@ def scene_trace(vlm, attribute: str = "colour", n: int = 600, seed: int = 0, sit
                          parts=tuple(t.split(".")[0] for t in sites), score=s, control_score=torch.tensor(control),
                          n_rows=torch.full((len(sites),), n), drop_after=sites[k],
                          drop=float(falls[k]) if len(falls) else 0.0)
-    last = {part: [t for t in sites if t.startswith(part + ".")] for part in ("vision", "lm")}
-    scores = {f"scene {attribute} at {last['vision'][-1]}": score[sites.index(last["vision"][-1])],
-              f"scene {attribute} at {last['lm'][-1]}": score[sites.index(last["lm"][-1])],
-              f"largest drop in scene {attribute}": trace.drop, "drop after": trace.drop_after}
-    if "connector.out" in sites:
-        scores[f"scene {attribute} at connector.out"] = score[sites.index("connector.out")]
+    scores: dict = {}
+    for part in ("vision", "connector", "lm"):  # the last site of each part probed
+        last = [i for i, t in enumerate(sites) if t.startswith(part + ".")]
+        if last:
+            scores[f"scene {attribute} at {sites[last[-1]]}"] = score[last[-1]]
+    scores |= {f"largest drop in scene {attribute}": trace.drop, "drop after": trace.drop_after}
     return trace, scores

@@ -28,7 +28,7 @@ LIMITS_BY_NAME = {
         " LM sees 12 query tokens, which no single cell owns.",
         "The Q-Former's representation learning uses the scene's ground truth (every cell's colour, shape and"
         " size read from all queries together) in place of BLIP-2's caption objectives (ITC, ITM, ITG); the"
-        " LM is trained from scratch with the Q-Former, not frozen as in BLIP-2.",
+        " Q-Former is then frozen and the LM trained from scratch (BLIP-2 freezes its pretrained LLM instead).",
         KNOWN_LIMITS[4],
     ],
     "shapes-llava-contrastive": [
