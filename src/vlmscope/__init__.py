@@ -18,6 +18,8 @@ from vlmscope.model.interventions import ablate, add, hook, knockout, patch
 from vlmscope.model.load import load
 from vlmscope.model.positions import PatchBox, Positions
 from vlmscope.model.vlm import VLM
+from vlmscope.scale.measure import Measured, peak_memory
+from vlmscope.scale.plan import MemoryPlan, plan_memory
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,8 @@ __all__ = [
     "Cache",
     "InputError",
     "InterventionError",
+    "Measured",
+    "MemoryPlan",
     "PatchBox",
     "Positions",
     "SiteError",
@@ -47,4 +51,6 @@ __all__ = [
     "knockout",
     "load",
     "patch",
+    "peak_memory",
+    "plan_memory",
 ]

@@ -25,6 +25,30 @@ def cmd_sites(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    """Activations at sites over the shapes world (random inputs for tiny models) to a store folder;
+    under torchrun every rank caches its share of the batches (model/store.py)."""
+    import torch
+
+    from vlmscope.methods.sae.cli import _data
+    from vlmscope.model.store import cache_dataset
+    from vlmscope.scale import distributed
+
+    torch.set_num_threads(1)
+    with distributed.session() as d:
+        m, builder = _load(args.model)
+        if d.device != "cpu":
+            m.model.to(d.device)
+        dataset, collate, _ = _data(args.model, m, builder, args.examples, args.seed)
+        store = cache_dataset(m, dataset, args.site, args.out, batch_size=args.batch_size, positions=args.positions,
+                              dtype=getattr(torch, args.dtype) if args.dtype else None, collate=collate,
+                              progress=not args.quiet, dist=d)
+    if d.main:
+        print(f"wrote {len(store.shard_files())} shards of {args.examples} examples ({', '.join(store.sites)}) "
+              f"to {store.path}")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     """Load a model, list its sites, cache one activation and check hooked == plain."""
     import torch
@@ -161,7 +185,16 @@ def cmd_compare(args) -> int:
     for line in result.statements:
         print(line)
     _save(args.out, "compare", result, None, result.plot())
+    _study(args.out, "compare", f"{', '.join(args.models)}", "Across models",
+           "Results aligned by part (vision / connector / LM) and relative depth. "
+           + (" ".join(f"{line}." for line in result.statements) or "No difference above the threshold."))
     return 0
+
+
+def _study(out: str, key: str, label: str, title: str, reading: str) -> None:
+    from vlmscope.report.html import write_study
+
+    print(write_study(out, label, [{"key": key, "title": title, "reading": reading}]))
 
 
 def cmd_over_training(args) -> int:
@@ -173,6 +206,27 @@ def cmd_over_training(args) -> int:
     result = over_training(args.model, exp, n_eval=args.n)
     print("\n".join(result.timeline()))
     _save(args.out, "over-training", result, None, result.plot())
+    _study(args.out, "over-training", args.model, "Across training checkpoints",
+           f"Phase changes (a jump of at least {result.threshold} between checkpoints), in order: "
+           + ("; ".join(result.timeline()) or "none") + ".")
+    return 0
+
+
+def cmd_micro_macro(args) -> int:
+    from vlmscope.experiments.micro_macro import micro_to_macro
+    from vlmscope.zoo import load
+
+    vlms, names = [], []
+    for spec in args.models:
+        name, _, step = spec.partition("@")
+        vlms.append(load(name, step=int(step) if step else None))
+        names.append(spec)
+    result = micro_to_macro(vlms, names, n=args.n, seed=args.seed)
+    for line in result.statements:
+        print(line)
+    _save(args.out, "micro-macro", result, None, result.plot())
+    _study(args.out, "micro-macro", " vs ".join(names), "Micro to macro: why the accuracies differ",
+           " ".join(f"{line}." for line in result.statements) or "No family's accuracy differs by the margin.")
     return 0
 
 
@@ -189,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="zoo name, local checkpoint folder, tiny-llava or tiny-clip")
     s.add_argument("--pattern", default=None, help="glob over site names, e.g. 'lm.blocks.*.resid_post'")
     s.set_defaults(func=cmd_sites)
+    k = sub.add_parser("cache", help="store a model's activations at sites on disk (torchrun: one share per rank)")
+    k.add_argument("--model", default="tiny-llava", help="zoo name, local checkpoint folder, tiny-llava or tiny-clip")
+    k.add_argument("--site", action="append", required=True, help="site name or glob; repeatable")
+    k.add_argument("--positions", default="image", help="token role kept: image, text, all, last")
+    k.add_argument("--examples", type=int, default=512, help="the shapes world's standard examples (zoo models)")
+    k.add_argument("--batch-size", type=int, default=16, help="examples per forward and per shard")
+    k.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="stored dtype")
+    k.add_argument("--seed", type=int, default=0, help="data seed")
+    k.add_argument("--out", required=True, help="store folder (rerun to resume)")
+    k.add_argument("--quiet", action="store_true", help="no progress bar")
+    k.set_defaults(func=cmd_cache)
     q = sub.add_parser("quickstart", help="load a model, print its sites and a cached activation")
     q.add_argument("--model", default="tiny-llava")
     q.add_argument("--site", default="lm.blocks.0.resid_post")
@@ -214,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--n", type=int, default=300, help="examples per accuracy evaluation")
     o.add_argument("--out", default="vlmscope-out")
     o.set_defaults(func=cmd_over_training)
+    mm = sub.add_parser("micro-macro", help="tie per-family accuracy differences between models to what their "
+                        "parts represent (scene probes per part)")
+    mm.add_argument("--models", nargs="+", default=["shapes-llava@7800", "shapes-llava-contrastive"],
+                    help="zoo names, NAME@STEP for a checkpoint (default: the tower-objective pair at 7,000 "
+                    "instruction steps each)")
+    mm.add_argument("--n", type=int, default=600)
+    mm.add_argument("--seed", type=int, default=0)
+    mm.add_argument("--out", default="vlmscope-out")
+    mm.set_defaults(func=cmd_micro_macro)
     r = sub.add_parser("report", help="build index.html from a saved results folder")
     r.add_argument("results")
     r.set_defaults(func=cmd_report)
@@ -247,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmscope.methods.explain.cli import add_parser as add_explain
 
     add_explain(sub)
+    from vlmscope.scale.cli import add_parser as add_plan
+
+    add_plan(sub)
     try:
         from vlmscope.zoo.cli import add_parser as add_zoo
     except ImportError:

@@ -152,7 +152,8 @@ class _ResidMid:
         if self.delta is None:
             return None
         first = _first(out)
-        new = first + self.delta.view_as(first)  # the MLP may see the residual flattened
+        # the MLP may see the residual flattened; a model split over devices may put its output elsewhere
+        new = first + self.delta.view_as(first).to(first.device)
         self.delta = None
         return _replace_first(out, new)
 

@@ -204,7 +204,7 @@ def _src_index(idx: tuple[torch.Tensor, ...], s: torch.Tensor) -> tuple[torch.Te
 
 def _kept_expand(source: Cache, site: str, stream: str, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A cache that stored only some positions: scatter them into a full-size tensor and a mask."""
-    kept = source.kept[stream]  # (batch, k)
+    kept = source.kept[stream].cpu()  # (batch, k); the CPU mask below cannot take an index on another device
     part = source[site]
     out = torch.zeros((part.shape[0], *full.shape[1:]), dtype=part.dtype, device=full.device)
     rows = torch.arange(part.shape[0])[:, None]

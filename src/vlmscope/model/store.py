@@ -4,6 +4,12 @@ Each batch becomes one shard holding, per site, the kept rows flattened (rows, .
 (example, position) index. A manifest lists finished shards; shards and manifest are written
 atomically (temporary file + rename), so a killed run resumes at the first missing shard and
 the store ends identical to an uninterrupted one.
+
+Under torchrun the W ranks share the batches (rank r runs batches r, r + W, ...): each writes its
+own shards (`shard_<batch>.rank<r>.safetensors`) and its own manifest (`manifest.rank<r>.json`), so
+no two processes write one file and a rank killed and rerun skips the shards it finished. When
+every rank is done, rank 0 merges the manifests into `manifest.json` in example order: the store
+reads exactly as a one-process store (the same rows, each example once, the same order).
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ from tqdm.auto import tqdm
 from vlmscope.errors import InputError, SiteError
 from vlmscope.model.positions import PositionSpec
 from vlmscope.model.sites import resolve
+from vlmscope.scale import distributed
+from vlmscope.scale.distributed import Dist
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+RANK_MANIFESTS = "manifest.rank*.json"  # one per rank while a torchrun job caches
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
@@ -35,8 +44,8 @@ def _atomic_write_bytes(path: Path, write: Callable[[str], None]) -> None:
     os.replace(tmp, path)
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
-    _atomic_write_bytes(path / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
+def _write_manifest(path: Path, manifest: dict, name: str = MANIFEST) -> None:
+    _atomic_write_bytes(path / name, lambda p: Path(p).write_text(json.dumps(manifest, indent=1)))
 
 
 def _default_collate(vlm, examples: Sequence[Any]) -> dict[str, Any]:
@@ -57,62 +66,117 @@ def _default_collate(vlm, examples: Sequence[Any]) -> dict[str, Any]:
 def cache_dataset(vlm, dataset: Sequence[Any], sites, out_dir: str | Path, batch_size: int = 8,
                   positions: PositionSpec = None, dtype: torch.dtype | None = None,
                   collate: Callable[[Sequence[Any]], dict[str, Any]] | None = None,
-                  progress: bool = True) -> ActivationStore:
+                  progress: bool = True, dist: Dist | None = None) -> ActivationStore:
     """Run `vlm` over `dataset` in batches and store the activations at `sites` under `out_dir`.
 
     positions: which positions to keep (default every non-pad position). Re-running with the same
-    arguments resumes after the last finished shard; different arguments are an error.
+    arguments resumes after the last finished shard; different arguments are an error. Under
+    torchrun (`dist`, default: the initialised process group) every rank must call this: rank r
+    runs batches r, r + W, ... and the store ends as a one-process run would write it.
     """
+    d = dist or distributed.current()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = resolve(sites, vlm.site_table)
     n = len(dataset)
     config = {"sites": names, "batch_size": batch_size, "n_examples": n, "positions": repr(positions),
               "dtype": str(dtype) if dtype else None}
-    manifest = {"kind": "activation_store", "format": FORMAT, "config": config, "shards": []}
-    if (out / MANIFEST).exists():
-        old = json.loads((out / MANIFEST).read_text())
+    if d.main:  # before any rank writes: a killed run's half-written files
+        for stale in out.glob("*.tmp"):
+            stale.unlink()
+    distributed.barrier(d)
+    done = _finished(out, config)
+    own = _own_shards(out, d, done)
+    starts = list(range(0, n, batch_size))
+    mine = [k for k in range(d.rank, len(starts), d.world_size) if k not in done]
+    collate = collate or (lambda exs: _default_collate(vlm, exs))
+    total = len(range(d.rank, len(starts), d.world_size))
+    bar = tqdm(total=total, initial=total - len(mine), desc="caching activations", unit="batch",
+               disable=not (progress and d.main))
+    for k in mine:
+        start, stop = starts[k], min(starts[k] + batch_size, n)
+        inputs = collate([dataset[i] for i in range(start, stop)])
+        tensors = _batch_tensors(vlm, inputs, names, positions, dtype, start)
+        fname = f"shard_{k:06d}.safetensors" if not d.many else f"shard_{k:06d}.rank{d.rank}.safetensors"
+        _atomic_write_bytes(out / fname, lambda p, t=tensors: save_file(t, p))
+        own.append({"file": fname, "start": start, "stop": stop} | ({"rank": d.rank} if d.many else {}))
+        _write_manifest(out, _manifest(config, own), _manifest_name(d))
+        bar.update(1)
+    bar.close()
+    distributed.barrier(d)
+    if d.main and (d.many or any(out.glob(RANK_MANIFESTS))):
+        _merge(out, config)
+    distributed.barrier(d)
+    return ActivationStore(out)
+
+
+def _batch_tensors(vlm, inputs: dict[str, Any], names: list[str], positions: PositionSpec,
+                   dtype: torch.dtype | None, start: int) -> dict[str, torch.Tensor]:
+    """One batch's shard: per site the kept rows (rows, ...) and their (example, position) index."""
+    _, cache = vlm.run_with_cache(inputs, names)
+    pos = vlm.positions(inputs)
+    tensors: dict[str, torch.Tensor] = {}
+    for site in names:
+        spec = vlm.site_table[site]
+        t = cache[site]
+        if spec.pooled or spec.hook == "model_output":
+            rows = torch.arange(t.shape[0])
+            p_idx = torch.full_like(rows, -1)
+            ex = pos[spec.stream].example[rows] if spec.stream in pos else rows
+            flat = t
+        else:
+            seq = t.transpose(1, 2) if spec.hook == "pattern" else t  # (batch, pos, ...)
+            p = pos[spec.stream]
+            rows, p_idx = p.select(positions).nonzero(as_tuple=True)
+            ex = p.example_of(rows, p_idx)
+            flat = seq[rows, p_idx]
+        if dtype is not None and flat.is_floating_point():
+            flat = flat.to(dtype)
+        tensors[site] = flat.contiguous().cpu()
+        tensors[f"__index__/{site}"] = torch.stack([ex + start, p_idx], dim=1).cpu()
+    return tensors
+
+
+# --- manifests: one per rank while caching, merged into manifest.json at the end ------------------
+
+
+def _manifest(config: dict, shards: list[dict]) -> dict:
+    return {"kind": "activation_store", "format": FORMAT, "config": config,
+            "shards": sorted(shards, key=lambda s: s["start"])}
+
+
+def _manifest_name(d: Dist) -> str:
+    return MANIFEST if not d.many else f"manifest.rank{d.rank}.json"
+
+
+def _finished(out: Path, config: dict) -> dict[int, dict]:
+    """Shards any rank of an earlier run finished, by batch number; other settings are an error."""
+    done = {}
+    for f in [out / MANIFEST, *sorted(out.glob(RANK_MANIFESTS))]:
+        if not f.exists():
+            continue
+        old = json.loads(f.read_text())
         if old.get("config") != config:
             raise InputError(f"{out} holds a store made with other settings {old.get('config')}; "
                              f"asked for {config}. Use another folder or the same settings to resume.")
-        manifest = old
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
-    done = len(manifest["shards"])
-    starts = list(range(0, n, batch_size))
-    collate = collate or (lambda exs: _default_collate(vlm, exs))
-    bar = tqdm(total=len(starts), initial=done, desc="caching activations", unit="batch", disable=not progress)
-    for k in range(done, len(starts)):
-        start, stop = starts[k], min(starts[k] + batch_size, n)
-        inputs = collate([dataset[i] for i in range(start, stop)])
-        _, cache = vlm.run_with_cache(inputs, names)
-        pos = vlm.positions(inputs)
-        tensors: dict[str, torch.Tensor] = {}
-        for site in names:
-            spec = vlm.site_table[site]
-            t = cache[site]
-            if spec.pooled or spec.hook == "model_output":
-                rows = torch.arange(t.shape[0])
-                p_idx = torch.full_like(rows, -1)
-                ex = pos[spec.stream].example[rows] if spec.stream in pos else rows
-                flat = t
-            else:
-                seq = t.transpose(1, 2) if spec.hook == "pattern" else t  # (batch, pos, ...)
-                p = pos[spec.stream]
-                rows, p_idx = p.select(positions).nonzero(as_tuple=True)
-                ex = p.example_of(rows, p_idx)
-                flat = seq[rows, p_idx]
-            if dtype is not None and flat.is_floating_point():
-                flat = flat.to(dtype)
-            tensors[site] = flat.contiguous().cpu()
-            tensors[f"__index__/{site}"] = torch.stack([ex + start, p_idx], dim=1).cpu()
-        fname = f"shard_{k:06d}.safetensors"
-        _atomic_write_bytes(out / fname, lambda p, t=tensors: save_file(t, p))
-        manifest["shards"].append({"file": fname, "start": start, "stop": stop})
-        _write_manifest(out, manifest)
-        bar.update(1)
-    bar.close()
-    return ActivationStore(out)
+        done.update({s["start"] // config["batch_size"]: s for s in old["shards"]})
+    return done
+
+
+def _own_shards(out: Path, d: Dist, done: dict[int, dict]) -> list[dict]:
+    """The shards this process's manifest starts from: every finished one for a single process
+    (it writes manifest.json), the rank's own earlier ones under torchrun."""
+    if not d.many:
+        return list(done.values())
+    f = out / _manifest_name(d)
+    return json.loads(f.read_text())["shards"] if f.exists() else []
+
+
+def _merge(out: Path, config: dict) -> None:
+    """Rank 0, after every rank finished: manifest.json lists every shard in example order."""
+    _write_manifest(out, _manifest(config, list(_finished(out, config).values())))
+    for f in out.glob(RANK_MANIFESTS):
+        f.unlink()
 
 
 @dataclass(frozen=True)
@@ -137,7 +201,8 @@ class ActivationStore:
     @property
     def complete(self) -> bool:
         m = self.manifest
-        return bool(m["shards"]) and m["shards"][-1]["stop"] == m["config"]["n_examples"]
+        held = sum(s["stop"] - s["start"] for s in m["shards"])
+        return bool(m["shards"]) and held == m["config"]["n_examples"]
 
     def shard_files(self) -> list[Path]:
         return [self.path / s["file"] for s in self.manifest["shards"]]

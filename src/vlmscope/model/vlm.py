@@ -17,6 +17,7 @@ from vlmscope.errors import InputError, SiteError
 from vlmscope.model import hooks
 from vlmscope.model.adapters import Adapter, adapter_for
 from vlmscope.model.cache import Cache
+from vlmscope.model.devices import input_device
 from vlmscope.model.interventions import Intervention, compile_interventions
 from vlmscope.model.positions import Positions, PositionSpec
 from vlmscope.model.sites import SiteSpec, filter_names, resolve, site_shape
@@ -119,7 +120,9 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device, or accelerate's main device when the model is split
+        over devices or offloaded (its offloaded weights sit on `meta`; see model/devices.py)."""
+        return input_device(self.model)
 
     # --- inputs ----------------------------------------------------------------------------------
     def prepare(self, images: Any = None, texts: str | Sequence[str] | None = None, **kwargs) -> dict[str, Any]:
@@ -184,13 +187,18 @@ class VLM:
         return out
 
     # --- running ---------------------------------------------------------------------------------
+    def _model_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """No key/value cache unless asked for (use_cache=True): a generative model returns one by
+        default, as large as a cache of every layer's keys and values, and no method reads it."""
+        return kwargs if self.adapter.dual_encoder else {"use_cache": False, **kwargs}
+
     def run(self, inputs: Mapping[str, Any], interventions: Sequence[Intervention] = (), **model_kwargs):
         """The model's output with `interventions` applied (no gradients)."""
         inputs = self._inputs(inputs)
         run = _Run(self, inputs)
         fns, knock = compile_interventions(interventions, run)
         with hooks.install(self.model, self.site_table, fns, knock), torch.no_grad():
-            return self.model(**inputs, **model_kwargs)
+            return self.model(**inputs, **self._model_kwargs(model_kwargs))
 
     def run_with_cache(
         self,
@@ -212,6 +220,7 @@ class VLM:
         output returning a scalar; the cache then also holds `grads[site]` = d metric / d site.
         """
         inputs = self._inputs(inputs)
+        model_kwargs = self._model_kwargs(model_kwargs)
         run = _Run(self, inputs)
         names = self._resolve(sites)
         fns, knock = compile_interventions(interventions, run)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -58,6 +58,7 @@ class LossContext:
     aux_k: int = 0  # AuxK: dead latents used to model the residual (0: d_in // 2)
     aux_coefficient: float = 1 / 32
     bandwidth: float = 0.05  # JumpReLU straight-through kernel width
+    dist: Any = None  # a scale.distributed.Dist whose other ranks hold the rest of the batch (None: all here)
 
 
 @dataclass

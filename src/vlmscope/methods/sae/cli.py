@@ -1,11 +1,15 @@
 """`vlmscope sae train | eval`: train SAEs on a model's activations (resumable), evaluate them.
 
     vlmscope sae train --model shapes-llava --site connector.out --arch topk --k 32 --out DIR
+    vlmscope sae train --store STORE --site connector.out --out DIR     # from `vlmscope cache`
+    torchrun --nproc-per-node 4 -m vlmscope sae train ...              # DDP, same result as 1 process
     vlmscope sae eval DIR
 
 `--site` and `--arch` repeat: every (site, architecture) pair is trained from the same forward
 passes. Data: the shapes world's standard examples for zoo models (with their answers, so eval
-reports answer accuracy recovered), the random processor-free inputs for tiny-llava / tiny-clip.
+reports answer accuracy recovered), the random processor-free inputs for tiny-llava / tiny-clip;
+or an activation store's shards (`--store`). Under torchrun every rank trains its slice of each
+global batch of `--batch-size` rows (see train.py); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     sae = subparsers.add_parser("sae", help="sparse autoencoders: train, evaluate")
     sub = sae.add_subparsers(dest="sae_command", required=True)
     tr = sub.add_parser("train", help="train SAEs on a model's activations (rerun to resume)")
-    tr.add_argument("--model", default="tiny-llava", help="zoo name, local folder, tiny-llava or tiny-clip")
+    tr.add_argument("--model", default=None, help="zoo name, local folder, tiny-llava (default) or tiny-clip; "
+                    "with --store, the model it was cached from (recorded in the SAEs' configs)")
+    tr.add_argument("--store", default=None, help="train on this activation store (`vlmscope cache`) instead "
+                    "of streaming from --model")
+    tr.add_argument("--buffer-shards", type=int, default=8, help="--store: shards shuffled together")
+    tr.add_argument("--device", default=None, help="where the SAEs train (default: the rank's GPU under "
+                    "torchrun, else cpu)")
     tr.add_argument("--site", action="append", required=True, help="a (batch, pos, d) site; repeatable")
     tr.add_argument("--arch", action="append", choices=["relu", "topk", "batchtopk", "jumprelu"],
                     help="architecture; repeat for several (default topk)")
@@ -33,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tr.add_argument("--positions", default="image", help="token role that trains it: image, text or all")
     tr.add_argument("--examples", type=int, default=512, help="examples streamed through the model")
     tr.add_argument("--steps", type=int, default=2000)
-    tr.add_argument("--batch-size", type=int, default=1024, help="activation rows per SAE step")
+    tr.add_argument("--batch-size", type=int, default=1024, help="activation rows per SAE step (over all ranks)")
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--model-batch-size", type=int, default=16, help="examples per forward")
     tr.add_argument("--chunk-examples", type=int, default=128, help="examples shuffled together")
@@ -73,27 +83,42 @@ def _data(name: str, m, builder, n: int, seed: int):
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
-    from vlmscope.cli import _load
-    from vlmscope.methods.sae.sources import ModelSource
     from vlmscope.methods.sae.train import SAESpec, TrainConfig, train_saes
+    from vlmscope.scale import distributed
 
     torch.set_num_threads(1)
-    m, builder = _load(args.model)
-    dataset, collate, _ = _data(args.model, m, builder, args.examples, args.seed)
-    src = ModelSource(m, dataset, args.site, positions=args.positions, collate=collate,
-                      batch_size=args.model_batch_size, chunk_examples=args.chunk_examples, name=args.model)
     specs = [SAESpec(site, arch, d_sae=args.d_sae, expansion=args.expansion, k=args.k, sparsity=args.sparsity)
              for site in args.site for arch in (args.arch or ["topk"])]
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       checkpoint_every=args.checkpoint_every, warmup_steps=min(100, max(args.steps // 10, 1)))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RUN).write_text(json.dumps({"model": args.model, "positions": args.positions, "seed": args.seed,
-                                       "examples": args.examples}))
-    saes = train_saes(src, specs, cfg, out_dir=out, progress=not args.quiet)
-    for name in saes:
+    with distributed.session() as d:
+        src = _source(args, d)
+        if d.main:
+            out.mkdir(parents=True, exist_ok=True)
+            run = {"model": args.model or ("" if args.store else "tiny-llava"), "positions": args.positions,
+                   "seed": args.seed, "examples": args.examples} | ({"store": args.store} if args.store else {})
+            (out / RUN).write_text(json.dumps(run))
+        saes = train_saes(src, specs, cfg, out_dir=out, progress=not args.quiet, device=args.device, dist=d)
+    for name in saes if d.main else ():
         print(f"saved {out / name}")
     return 0
+
+
+def _source(args: argparse.Namespace, d):
+    """The rows to train on: the store's shards, or the model streamed over the data (on the rank's device)."""
+    from vlmscope.cli import _load
+    from vlmscope.methods.sae.sources import ModelSource, StoreSource
+
+    if args.store:
+        return StoreSource(args.store, args.site, buffer_shards=args.buffer_shards, name=args.model or "")
+    name = args.model or "tiny-llava"
+    m, builder = _load(name)
+    if d.device != "cpu":
+        m.model.to(d.device)
+    dataset, collate, _ = _data(name, m, builder, args.examples, args.seed)
+    return ModelSource(m, dataset, args.site, positions=args.positions, collate=collate,
+                       batch_size=args.model_batch_size, chunk_examples=args.chunk_examples, name=name)
 
 
 def _sae_dirs(path: Path) -> list[Path]:

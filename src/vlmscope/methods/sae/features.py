@@ -164,8 +164,8 @@ def _logit_effect(sae: SAE, vlm, site: str, feats: torch.Tensor, t: int) -> tupl
         return (*empty, *empty)
     w = sae.W_dec[feats].detach()
     directions = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # (feature, d_in)
-    p = next(vlm.model.parameters())
-    logits = vlm.unembed(directions.to(device=p.device, dtype=p.dtype)).float().cpu()  # (feature, vocab)
+    dtype = next(vlm.model.parameters()).dtype  # the device may be offloaded: ask the VLM for its main one
+    logits = vlm.unembed(directions.to(device=vlm.device, dtype=dtype)).float().cpu()  # (feature, vocab)
     t = min(t, logits.shape[-1])
     top, bottom = logits.topk(t, dim=-1), logits.topk(t, dim=-1, largest=False)
     return top.indices, top.values, bottom.indices, bottom.values

@@ -43,7 +43,7 @@ def resample_dead(sae: SAE, x: torch.Tensor, dead: torch.Tensor, generator: torc
     err = (sae(x) - x).pow(2).sum(-1)  # (batch,)
     if err.sum() <= 0:
         return idx[:0]
-    rows = torch.multinomial(err, idx.numel(), replacement=True, generator=generator)
+    rows = torch.multinomial(err.cpu(), idx.numel(), replacement=True, generator=generator)  # CPU generator
     v = x[rows] - sae.b_dec  # (n_dead, d_in)
     v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     alive = ~dead

@@ -10,6 +10,10 @@ resumed run reads exactly what an uninterrupted one did, without replaying the d
   of `batch_size`; one forward feeds every site (so several SAEs share it) and stops as soon as the
   last site needed has been read. `positions` (a role: "image", "text", "all", or any position
   spec) picks the tokens.
+
+Under torchrun a store or model source splits a chunk (`chunk_part`): each rank reads a contiguous
+share of its shards or runs a contiguous share of its forwards, and the trainer all-gathers the
+shares in rank order, which is the whole chunk, row for row.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from vlmscope.errors import InputError, SiteError
 from vlmscope.model.interventions import hook
 from vlmscope.model.positions import PositionSpec
 from vlmscope.model.store import ActivationStore, _default_collate
+from vlmscope.scale.distributed import part as share
 
 
 def derive_seed(*parts: Any) -> int:
@@ -82,6 +87,7 @@ class StoreSource:
     store: ActivationStore
     sites: tuple[str, ...]
     buffer_shards: int = 8
+    name: str = ""  # the model's name, recorded in the SAEs' configs
 
     def __post_init__(self):
         if not isinstance(self.store, ActivationStore):
@@ -96,17 +102,22 @@ class StoreSource:
         return math.ceil(len(self.store.shard_files()) / self.buffer_shards)
 
     def chunk(self, epoch: int, index: int, seed: int) -> dict[str, torch.Tensor]:
+        return self.chunk_part(epoch, index, seed, 0, 1)
+
+    def chunk_part(self, epoch: int, index: int, seed: int, part: int, parts: int) -> dict[str, torch.Tensor]:
+        """Share `part` of `parts` of the chunk: a contiguous run of its shards (maybe none)."""
         files = self.store.shard_files()
         order = torch.randperm(len(files), generator=generator(seed, "shards", epoch)).tolist()
         n = self.buffer_shards
-        picked = [load_file(str(files[j])) for j in order[index * n:(index + 1) * n]]
-        return {s: torch.cat([d[s] for d in picked]).float() for s in self.sites}
+        mine = order[index * n:(index + 1) * n]
+        picked = [load_file(str(files[mine[j]])) for j in share(len(mine), part, parts)]
+        return {s: torch.cat([d[s] for d in picked]).float() if picked else torch.zeros(0) for s in self.sites}
 
     def describe(self) -> dict:
         m = self.store.manifest
         return {"kind": "store", "path": str(self.store.path), "config": m["config"],
                 "positions": m["config"]["positions"], "shards": len(m["shards"]),
-                "buffer_shards": self.buffer_shards}
+                "buffer_shards": self.buffer_shards} | ({"name": self.name} if self.name else {})
 
 
 class _Stop(Exception):
@@ -174,15 +185,21 @@ class ModelSource:
         return math.ceil(len(self.dataset) / self.chunk_examples)
 
     def chunk(self, epoch: int, index: int, seed: int) -> dict[str, torch.Tensor]:
+        return self.chunk_part(epoch, index, seed, 0, 1)
+
+    def chunk_part(self, epoch: int, index: int, seed: int, part: int, parts: int) -> dict[str, torch.Tensor]:
+        """Share `part` of `parts` of the chunk: a contiguous run of its forwards (maybe none)."""
         order = torch.randperm(len(self.dataset), generator=generator(seed, "examples", epoch))
         ids = order[index * self.chunk_examples:(index + 1) * self.chunk_examples].tolist()
         collate = self.collate or (lambda exs: _default_collate(self.vlm, exs))
-        parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
-        for b in range(0, len(ids), self.batch_size):
+        got: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
+        starts = range(0, len(ids), self.batch_size)
+        for j in share(len(starts), part, parts):
+            b = starts[j]
             inputs = collate([self.dataset[i] for i in ids[b:b + self.batch_size]])
             for s, rows in site_rows(self.vlm, inputs, self.sites, self.positions, self.stop_early).items():
-                parts[s].append(rows)
-        return {s: torch.cat(v) for s, v in parts.items()}
+                got[s].append(rows)
+        return {s: torch.cat(v) if v else torch.zeros(0) for s, v in got.items()}
 
     def describe(self) -> dict:
         model = self.vlm.model

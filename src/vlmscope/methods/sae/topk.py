@@ -43,13 +43,13 @@ class TopKSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_relu(pre, self.cfg.k)
 
-    def train_activate(self, pre: torch.Tensor) -> torch.Tensor:
+    def train_activate(self, pre: torch.Tensor, ctx: LossContext | None = None) -> torch.Tensor:
         """The activation during training (BatchTopK's differs from its inference one)."""
         return topk_relu(pre, self.cfg.k)
 
     def train_step(self, x: torch.Tensor, ctx: LossContext) -> StepOut:
         pre = self.pre_acts(x)  # (batch, d_sae)
-        h = self.train_activate(pre)
+        h = self.train_activate(pre, ctx)
         recon = self.decode(h)
         mse = self.recon_loss(x, recon)
         aux = aux_k_loss(self, x, pre, recon, ctx)

@@ -8,11 +8,20 @@ over the last `decay_fraction` of steps, the sparsity coefficient (ReLU's L1, Ju
 warmed up linearly, decoder rows kept at unit norm, dead latents resampled for ReLU (TopK and
 BatchTopK use AuxK instead). A progress bar shows loss, L0 and the dead fraction.
 
-Checkpoints: `checkpoint-<step>.safetensors` (parameters, Adam moments and step counts, dead
-counters, scales, RNG state) committed by an atomic rewrite of `checkpoint.json` (step, data cursor,
-config, logs). All randomness is drawn from generators seeded by (seed, what, epoch, chunk), so a
+Checkpoints (checkpoints.py): `checkpoint-<step>.safetensors` (parameters, Adam moments and step
+counts, dead counters, scales, RNG state) committed by an atomic rewrite of `checkpoint.json` (step,
+data cursor, config, logs). All randomness is drawn from generators seeded by (seed, what, epoch, chunk), so a
 run killed at any moment and restarted with the same arguments ends with the same weights, bit for
 bit (on CPU), as one never interrupted. Never pickle: everything is safetensors + JSON.
+
+Many processes (torchrun, see scale/distributed.py): every rank holds each chunk (sources that can
+split one — a store, a model — compute a share per rank and all-gather it) and trains on its own
+slice of each global batch of `batch_size` rows, the SAE wrapped in DistributedDataParallel, so W
+ranks follow the one-process run's steps up to float rounding. What is not a gradient is
+synchronised: dead-latent counters (all-reduced firing), AuxK's dead set (from those counters),
+ReLU resampling (on the gathered batch, with the same generator everywhere), BatchTopK's batch-wide
+top-k and threshold, the logs; decoder renormalisation then acts on equal weights on every rank.
+Rank 0 alone writes checkpoints and the saved SAEs; a rerun under torchrun resumes like one process.
 """
 
 from __future__ import annotations
@@ -25,17 +34,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from vlmscope.errors import InputError
 from vlmscope.methods.sae.base import SAE, LossContext, SAEConfig, StepOut, build_sae
+from vlmscope.methods.sae.checkpoints import TrainState, adam, resume, save_checkpoint
 from vlmscope.methods.sae.io import save_sae
 from vlmscope.methods.sae.relu import resample_dead
 from vlmscope.methods.sae.sources import Source, generator
 from vlmscope.model.store import _atomic_write_bytes
+from vlmscope.scale import distributed
+from vlmscope.scale.distributed import Dist
 
-CHECKPOINT = "checkpoint.json"
 DEFAULT_SPARSITY = {"relu": 3.0, "jumprelu": 2.0}  # on activations scaled to E‖z‖ = √d_in
 
 
@@ -92,26 +103,20 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return warm * decay
 
 
-@dataclass
-class _Run:
-    """Mutable training state: what a checkpoint holds."""
-
-    saes: list[SAE]
-    opts: list[torch.optim.Adam]
-    silent: list[torch.Tensor]  # (d_sae,) rows since each latent last fired
-    scales: dict[str, float]
-    rng: torch.Generator  # resampling
-    step: int = 0
-    cursor: tuple[int, int, int] = (0, 0, 0)  # epoch, chunk position, batch within the chunk
-    logs: list[list[dict]] | None = None
-
-
 def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | None = None,
-               out_dir: str | Path | None = None, progress: bool = True) -> dict[str, SAE]:
+               out_dir: str | Path | None = None, progress: bool = True, device: str | None = None,
+               dist: Dist | None = None) -> dict[str, SAE]:
     """Train every spec's SAE on its site's rows of `source`; returns {name: SAE} taking raw
-    activations. With `out_dir`, checkpoints go there (a rerun resumes) and each SAE is saved to
-    `out_dir/<name>/` in SAELens's layout, beside `training.json` (config and logs)."""
+    activations (on the CPU). With `out_dir`, checkpoints go there (a rerun resumes) and each SAE is
+    saved to `out_dir/<name>/` in SAELens's layout, beside `training.json` (config and logs).
+    device: where the SAEs train (default: the rank's device under torchrun, else cpu). dist: the
+    ranks sharing each batch (default: the initialised process group; every rank must call this)."""
     cfg = config or TrainConfig()
+    d = dist or distributed.current()
+    if cfg.batch_size % d.world_size:
+        raise InputError(f"batch_size {cfg.batch_size} does not split over {d.world_size} processes; give a "
+                         f"multiple of {d.world_size}")
+    dev = torch.device(device or d.device)
     specs = list(specs)
     names = [s.label() for s in specs]
     if len(set(names)) != len(names):
@@ -125,9 +130,13 @@ def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | N
     out = Path(out_dir) if out_dir is not None else None
     fingerprint = json.loads(json.dumps({"train": asdict(cfg), "specs": [asdict(s) for s in specs],
                                          "source": source.describe()}))
-    run = _resume(out, fingerprint, specs, cfg) if out is not None else None
-    run = run or _start(source, specs, cfg)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="training SAEs", unit="step", disable=not progress)
+    run = resume(out, fingerprint, specs, cfg, dev, d) if out is not None else None
+    run = run or _start(source, specs, cfg, dev, d)
+    distributed.barrier(d)
+    losses = [distributed.ddp(_Objective(sae), d) for sae in run.saes]
+    local = cfg.batch_size // d.world_size  # this rank's rows of each global batch
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="training SAEs", unit="step",
+               disable=not (progress and d.main))
     n_chunks = source.n_chunks()
     barren = 0  # consecutive chunks that gave no batch: a whole epoch of them means too little data
     while run.step < cfg.steps:
@@ -136,7 +145,7 @@ def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | N
             run.cursor = (epoch + 1, 0, 0)
             continue
         order = torch.randperm(n_chunks, generator=generator(cfg.seed, "chunks", epoch)).tolist()
-        rows = source.chunk(epoch, order[pos], cfg.seed)
+        rows = _chunk(source, epoch, order[pos], cfg.seed, d)
         perms = {s: torch.randperm(len(r), generator=generator(cfg.seed, "perm", s, epoch, order[pos]))
                  for s, r in rows.items()}
         n_batches = min(len(r) // cfg.batch_size for r in rows.values())
@@ -146,25 +155,49 @@ def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | N
                              "batch_size or give more data")
         run.cursor = (epoch, pos + 1, 0)
         for b in range(first, n_batches):
+            mine = slice(b * cfg.batch_size + d.rank * local, b * cfg.batch_size + (d.rank + 1) * local)
             for i, spec in enumerate(specs):
-                idx = perms[spec.site][b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                _step(run, i, spec, rows[spec.site][idx] * run.scales[spec.site], cfg)
+                x = rows[spec.site][perms[spec.site][mine]].to(dev) * run.scales[spec.site]  # (local, d_in)
+                _step(run, i, spec, x, cfg, losses[i], d)
             run.step += 1
             run.cursor = (epoch, pos, b + 1) if b + 1 < n_batches else (epoch, pos + 1, 0)
             bar.update(1)
             if run.step % cfg.log_every == 0 or run.step == cfg.steps:
                 bar.set_postfix_str(_postfix(run))
-            if out is not None and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
-                _save_checkpoint(out, run, fingerprint)
+            if out is not None and d.main and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
+                save_checkpoint(out, run, fingerprint)
             if run.step >= cfg.steps:
                 break
     bar.close()
-    return _finish(run, specs, names, out, fingerprint)
+    result = _finish(run, specs, names, out if d.main else None, fingerprint)
+    distributed.barrier(d)  # rank 0's files are written when any rank returns
+    return result
 
 
-def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig) -> _Run:
+def _chunk(source: Source, epoch: int, index: int, seed: int, d: Dist) -> dict[str, torch.Tensor]:
+    """The whole chunk on every rank: a source that can split it (`chunk_part`) computes one share
+    per rank and the ranks all-gather them; any other source is read whole by every rank."""
+    if not d.many or not hasattr(source, "chunk_part"):
+        return source.chunk(epoch, index, seed)
+    share = source.chunk_part(epoch, index, seed, d.rank, d.world_size)
+    return {s: distributed.gather_rows(t, d) for s, t in share.items()}
+
+
+class _Objective(nn.Module):
+    """An SAE's training step as a module's forward, which DistributedDataParallel wraps."""
+
+    def __init__(self, sae: SAE):
+        super().__init__()
+        self.sae = sae
+
+    def forward(self, x: torch.Tensor, ctx: LossContext):
+        out = self.sae.train_step(x, ctx)
+        return out.loss, out.recon, out.acts, out.parts
+
+
+def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig, dev: torch.device, d: Dist) -> TrainState:
     order = torch.randperm(source.n_chunks(), generator=generator(cfg.seed, "chunks", 0)).tolist()
-    first = source.chunk(0, order[0], cfg.seed)  # the first chunk training reads: scales and b_dec
+    first = _chunk(source, 0, order[0], cfg.seed, d)  # the first chunk training reads: scales and b_dec
     scales = {}
     for site, rows in first.items():
         scales[site] = float(math.sqrt(rows.shape[1]) / rows.norm(dim=1).mean()) if cfg.normalise else 1.0
@@ -180,49 +213,52 @@ def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig) -> _Run:
                 sae.b_dec.copy_((first[spec.site] * scales[spec.site]).mean(0))
         elif cfg.init_b_dec != "zeros":
             raise InputError(f"unknown init_b_dec {cfg.init_b_dec!r}; valid: 'mean', 'zeros'")
-        saes.append(sae.train())
-        opts.append(_adam(sae, cfg))
-        silent.append(torch.zeros(sc.d_sae, dtype=torch.long))
-    return _Run(saes, opts, silent, scales, generator(cfg.seed, "resample"), logs=[[] for _ in specs])
+        saes.append(sae.to(dev).train())
+        opts.append(adam(sae, cfg))
+        silent.append(torch.zeros(sc.d_sae, dtype=torch.long, device=dev))
+    return TrainState(saes, opts, silent, scales, generator(cfg.seed, "resample"), logs=[[] for _ in specs])
 
 
-def _adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
-    return torch.optim.Adam([p for p in sae.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas)
-
-
-def _step(run: _Run, i: int, spec: SAESpec, x: torch.Tensor, cfg: TrainConfig) -> None:
+def _step(run: TrainState, i: int, spec: SAESpec, x: torch.Tensor, cfg: TrainConfig, objective: nn.Module,
+          d: Dist) -> None:
+    """One optimiser step of SAE i on this rank's rows `x` of the global batch."""
     sae, opt = run.saes[i], run.opts[i]
     warm = min(1.0, (run.step + 1) / max(cfg.sparsity_warmup_steps, 1))
     dead = run.silent[i] >= cfg.dead_after_tokens
     ctx = LossContext(sparsity=spec.coefficient() * warm, dead=dead, aux_k=cfg.aux_k,
-                      aux_coefficient=cfg.aux_coefficient, bandwidth=cfg.jumprelu_bandwidth)
+                      aux_coefficient=cfg.aux_coefficient, bandwidth=cfg.jumprelu_bandwidth,
+                      dist=d if d.many else None)
     for g in opt.param_groups:
         g["lr"] = cfg.lr * lr_factor(run.step, cfg)
-    out = sae.train_step(x, ctx)
+    out = StepOut(*objective(x, ctx))
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    out.loss.backward()  # under DDP: gradients averaged over ranks = the global batch's gradient
     sae.remove_parallel_decoder_grad()
     opt.step()
     sae.normalise_decoder()
     sae.after_step(out)
-    fired = (out.acts > 0).any(0)
-    run.silent[i] = torch.where(fired, 0, run.silent[i] + x.shape[0])
+    fired = distributed.all_reduce((out.acts > 0).any(0).int(), d) > 0  # fired anywhere in the batch
+    rows = x.shape[0] * d.world_size
+    run.silent[i] = torch.where(fired, 0, run.silent[i] + rows)
     step = run.step + 1
     decaying = step >= int(cfg.steps * (1 - cfg.decay_fraction))
     if sae.resamples_dead and cfg.resample_every and step % cfg.resample_every == 0 and not decaying:
-        window = run.silent[i] >= cfg.resample_every * x.shape[0]
-        idx = resample_dead(sae, x, window, run.rng)
+        window = run.silent[i] >= cfg.resample_every * rows
+        idx = resample_dead(sae, distributed.gather_rows(x, d), window, run.rng)  # the same on every rank
         _reset_adam_rows(opt, sae, idx)
         run.silent[i][idx] = 0
     if step % cfg.log_every == 0 or step == cfg.steps:
-        run.logs[i].append(_log_row(step, x, out, run.silent[i] >= cfg.dead_after_tokens))
+        run.logs[i].append(_log_row(step, x, out, run.silent[i] >= cfg.dead_after_tokens, d))
 
 
 @torch.no_grad()
-def _log_row(step: int, x: torch.Tensor, out: StepOut, dead: torch.Tensor) -> dict:
-    ev = 1 - (x - out.recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-    return {"step": step, "loss": out.loss.item(), "mse": out.parts["mse"].item(),
-            "l0": (out.acts > 0).float().sum(-1).mean().item(), "explained_variance": ev.item(),
+def _log_row(step: int, x: torch.Tensor, out: StepOut, dead: torch.Tensor, d: Dist) -> dict:
+    """Loss, MSE, L0, explained variance and dead fraction of the whole batch (gathered from every rank)."""
+    means = torch.stack([out.loss.detach(), out.parts["mse"].detach(), (out.acts > 0).float().sum(-1).mean()])
+    loss, mse, l0 = distributed.mean(means, d).tolist()
+    x, recon = distributed.gather_rows(x, d), distributed.gather_rows(out.recon.detach(), d)
+    ev = 1 - (x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+    return {"step": step, "loss": loss, "mse": mse, "l0": l0, "explained_variance": ev.item(),
             "dead_fraction": dead.float().mean().item()}
 
 
@@ -241,7 +277,7 @@ def _reset_adam_rows(opt: torch.optim.Adam, sae: SAE, idx: torch.Tensor) -> None
                 state[key][idx] = 0
 
 
-def _postfix(run: _Run) -> str:
+def _postfix(run: TrainState) -> str:
     last = [log[-1] for log in run.logs if log]
     if not last:
         return ""
@@ -251,78 +287,12 @@ def _postfix(run: _Run) -> str:
     return f"loss {loss} L0 {l0} dead {dead}"
 
 
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def _save_checkpoint(out: Path, run: _Run, fingerprint: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {"rng/resample": run.rng.get_state()}
-    for i, (sae, opt) in enumerate(zip(run.saes, run.opts, strict=True)):
-        for k, v in sae.state_dict().items():
-            tensors[f"sae{i}/{k}"] = v.detach().clone()
-        for j, p in enumerate(opt.param_groups[0]["params"]):
-            for k, v in opt.state.get(p, {}).items():
-                tensors[f"adam{i}/{j}/{k}"] = v.detach().clone().reshape(v.shape)
-        tensors[f"silent{i}"] = run.silent[i].clone()
-    for site, s in run.scales.items():
-        tensors[f"scale/{site}"] = torch.tensor(s, dtype=torch.float64)
-    fname = f"checkpoint-{run.step:08d}.safetensors"
-    _atomic_write_bytes(out / fname, lambda p: save_file(tensors, p))
-    doc = {"kind": "sae_checkpoint", "format": 1, "step": run.step, "cursor": list(run.cursor), "file": fname,
-           "config": fingerprint, "logs": run.logs}
-    _atomic_write_bytes(out / CHECKPOINT, lambda p: Path(p).write_text(json.dumps(doc)))
-    for old in out.glob("checkpoint-*.safetensors"):
-        if old.name != fname:
-            old.unlink()
-
-
-def _resume(out: Path, fingerprint: dict, specs: list[SAESpec], cfg: TrainConfig) -> _Run | None:
-    for stale in out.glob("*.tmp"):
-        stale.unlink()
-    if not (out / CHECKPOINT).exists():
-        return None
-    doc = json.loads((out / CHECKPOINT).read_text())
-    if doc.get("config") != fingerprint:
-        raise InputError(f"{out} holds a training run with other settings; use another folder or the same "
-                         f"settings to resume.\n  theirs: {doc.get('config')}\n  yours:  {fingerprint}")
-    t = load_file(str(out / doc["file"]))
-    for extra in out.glob("checkpoint-*.safetensors"):
-        if extra.name != doc["file"]:
-            extra.unlink()
-    run = _restore(t, specs, cfg)
-    run.step, run.cursor, run.logs = doc["step"], tuple(doc["cursor"]), doc["logs"]
-    return run
-
-
-def _restore(t: dict[str, torch.Tensor], specs: list[SAESpec], cfg: TrainConfig) -> _Run:
-    """SAEs, Adam states, dead counters, scales and RNG from a checkpoint's tensors."""
-    saes, opts, silent = [], [], []
-    for i, spec in enumerate(specs):
-        d_sae, d_in = t[f"sae{i}/W_dec"].shape
-        sae = build_sae(SAEConfig(spec.architecture, d_in, d_sae, k=spec.k, site=spec.site))
-        sae.load_state_dict({k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(f"sae{i}/")})
-        opt = _adam(sae, cfg)
-        state = {}
-        for j, _ in enumerate(opt.param_groups[0]["params"]):
-            keys = {k.rsplit("/", 1)[1]: v for k, v in t.items() if k.startswith(f"adam{i}/{j}/")}
-            if keys:
-                state[j] = keys
-        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-        saes.append(sae.train())
-        opts.append(opt)
-        silent.append(t[f"silent{i}"].clone())
-    scales = {k.split("/", 1)[1]: float(v) for k, v in t.items() if k.startswith("scale/")}
-    rng = torch.Generator()
-    rng.set_state(t["rng/resample"])
-    return _Run(saes, opts, silent, scales, rng)
-
-
-def _finish(run: _Run, specs: list[SAESpec], names: list[str], out: Path | None,
+def _finish(run: TrainState, specs: list[SAESpec], names: list[str], out: Path | None,
             fingerprint: dict) -> dict[str, SAE]:
     """The trained SAEs with the input scale folded in (saved under `out` when given)."""
     result = {}
     for name, spec, sae in zip(names, specs, run.saes, strict=True):
-        final = copy.deepcopy(sae).eval()
+        final = copy.deepcopy(sae).cpu().eval()
         final.fold_input_scale(run.scales[spec.site])
         src = fingerprint["source"]
         final.cfg = replace(final.cfg, positions=_positions(src), model=src.get("name", ""))

@@ -1,0 +1,1 @@
+"""Running vlmscope at scale: memory planning and many processes (torchrun)."""
