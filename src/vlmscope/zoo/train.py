@@ -151,7 +151,8 @@ BLIP2_CONFIG = TrainConfig(stages=(
     Stage("qformer", ("qformer",), 600, 64, 1e-3, 50, snapshots=(200,)),
     Stage("align", ("projector",), 300, 32, 1e-3, 30),
     Stage("instruct", ("projector", "lm"), 18_000, 32, 1e-3, 200, floor=0.02,
-          snapshots=(1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 14000, 16000)),
+          snapshots=(1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 14000, 16000, 20000, 24000),
+          replan=(6000, 26_000)),  # re-planned at step 6,000 (relation lagged as in shapes-llava)
 ))
 
 # shapes-llava-contrastive: shapes-llava's recipe with the tower pre-trained against captions (longer:
