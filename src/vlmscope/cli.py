@@ -203,12 +203,13 @@ def cmd_over_training(args) -> int:
 
     exp = load_experiment(args.experiment) if args.experiment else Experiment(
         model=args.model, methods=(method("probe", attribute="cell", n=200),))
-    result = over_training(args.model, exp, n_eval=args.n)
-    print("\n".join(result.timeline()))
+    result = over_training(args.checkpoints or args.model, exp, n_eval=args.n)
+    print("\n".join(result.timeline() + ["", "aligned:"] + result.alignments()))
     _save(args.out, "over-training", result, None, result.plot())
-    _study(args.out, "over-training", args.model, "Across training checkpoints",
+    _study(args.out, "over-training", result.model, "Across training checkpoints",
            f"Phase changes (a jump of at least {result.threshold} between checkpoints), in order: "
-           + ("; ".join(result.timeline()) or "none") + ".")
+           + ("; ".join(result.timeline()) or "none") + ". Lined up: " + ("; ".join(result.alignments()) or "none")
+           + ".")
     return 0
 
 
@@ -275,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     o = sub.add_parser("over-training", help="an experiment on every zoo checkpoint, with phase changes")
     o.add_argument("--model", default="shapes-llava")
+    o.add_argument("--checkpoints", nargs="+", default=None,
+                   help="your own checkpoint folders (named with their step, e.g. checkpoint-500), not a zoo model")
     o.add_argument("--experiment", default=None)
     o.add_argument("--n", type=int, default=300, help="examples per accuracy evaluation")
     o.add_argument("--out", default="vlmscope-out")

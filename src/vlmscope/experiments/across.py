@@ -7,11 +7,14 @@ depth (index within the part / number of sites in it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from vlmscope.errors import InputError
 from vlmscope.experiments.run import run_method
 from vlmscope.experiments.spec import Experiment
 from vlmscope.results import Result
@@ -103,6 +106,21 @@ class TrainingCurves(Result):
         return [f"step {c['step']}: {c['metric']} {c['before']:.2f} -> {c['after']:.2f}"
                 for c in sorted(self.changes, key=lambda c: c["step"])]
 
+    def alignments(self) -> list[str]:
+        """Each change in task accuracy lined up with the latest change in an internal metric (probe,
+        patching, ...) at or before its step: "what moved inside before the behaviour did"."""
+        inner = [c for c in self.changes if not c["metric"].startswith("accuracy ")]
+        out = []
+        for c in sorted(self.changes, key=lambda c: c["step"]):
+            if not c["metric"].startswith("accuracy "):
+                continue
+            before = [i for i in inner if i["step"] <= c["step"]]
+            if before:
+                i = max(before, key=lambda i: i["step"])
+                out.append(f"{c['metric']} {c['before']:.2f} -> {c['after']:.2f} at step {c['step']}, after "
+                           f"{i['metric']} {i['before']:.2f} -> {i['after']:.2f} at step {i['step']}")
+        return out
+
 
 def phase_changes(steps: Sequence[int], values: torch.Tensor, names: Sequence[str], threshold: float = JUMP
                   ) -> list[dict]:
@@ -128,15 +146,36 @@ def phase_changes(steps: Sequence[int], values: torch.Tensor, names: Sequence[st
     return out
 
 
-def over_training(name: str, experiment: Experiment, steps: Sequence[int] | None = None, n_eval: int = 300,
-                  threshold: float = JUMP) -> TrainingCurves:
-    """Task accuracy per question family and the experiment's scores at each zoo checkpoint."""
-    from vlmscope import zoo
+def checkpoint_step(path: str | Path) -> int:
+    """The training step in a checkpoint folder's name (`checkpoint-500`, `step_01200`, `run/800`)."""
+    found = re.findall(r"\d+", Path(path).name)
+    if not found:
+        raise InputError(f"cannot read a training step from the folder name {Path(path).name!r}; name checkpoint "
+                         "folders with their step (e.g. checkpoint-500), as transformers' Trainer does")
+    return int(found[-1])
 
-    steps = list(steps or zoo.checkpoint_steps(name))
+
+def over_training(name: str | Sequence[str | Path], experiment: Experiment, steps: Sequence[int] | None = None,
+                  n_eval: int = 300, threshold: float = JUMP) -> TrainingCurves:
+    """Task accuracy per question family and the experiment's scores at each checkpoint: a zoo
+    model's (`name`, optionally only `steps`), or a list of the user's local checkpoint folders
+    (transformers `save_pretrained` folders named with their step, e.g. checkpoint-500)."""
+    from vlmscope import zoo
+    from vlmscope.model.load import load
+
+    if isinstance(name, str) and name in zoo.names():
+        steps = list(steps or zoo.checkpoint_steps(name))
+        loaders = {s: (lambda s=s: zoo.load(name, step=s)) for s in steps}
+        label = name
+    else:
+        folders = [name] if isinstance(name, (str, Path)) else list(name)
+        by_step = {checkpoint_step(f): f for f in folders}
+        steps = sorted(by_step)
+        loaders = {s: (lambda f=by_step[s]: load(f)) for s in steps}
+        label = str(Path(folders[0]).parent)
     table: dict[str, list[float]] = {}
     for s in steps:
-        vlm = zoo.load(name, step=s)
+        vlm = loaders[s]()
         row = {f"accuracy {k}": v for k, v in zoo.evaluate(vlm.model, seed=experiment.seed, n=n_eval).items()}
         for spec in experiment.methods:
             result, scores = run_method(vlm, spec, experiment.seed)
@@ -155,5 +194,5 @@ def over_training(name: str, experiment: Experiment, steps: Sequence[int] | None
             table[k].append(row.get(k, float("nan")))
     names = list(table)
     values = torch.tensor([table[k] for k in names])
-    return TrainingCurves(model=name, steps=tuple(steps), metrics=tuple(names), values=values,
+    return TrainingCurves(model=label, steps=tuple(steps), metrics=tuple(names), values=values,
                           changes=tuple(phase_changes(steps, values, names, threshold)), threshold=threshold)
