@@ -27,6 +27,24 @@ def _encode(v: Any) -> Any:
     return v
 
 
+# modules that define result kinds, imported when a folder holds a kind not yet registered (results
+# register themselves on import; a fresh process that only loads must not need to know where)
+RESULT_MODULES = (
+    "vlmscope.methods.probing", "vlmscope.methods.lens", "vlmscope.methods.patching", "vlmscope.methods.knockout",
+    "vlmscope.methods.path_patching", "vlmscope.methods.ablation", "vlmscope.methods.similarity",
+    "vlmscope.methods.sae.evaluate", "vlmscope.methods.sae.features", "vlmscope.methods.explain",
+    "vlmscope.experiments.accuracy", "vlmscope.experiments.across", "vlmscope.experiments.micro_macro",
+    "vlmscope.experiments.spec", "vlmscope.scale.plan",
+)
+
+
+def _import_result_modules() -> None:
+    import importlib
+
+    for name in RESULT_MODULES:
+        importlib.import_module(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class Result:
     """Base of every result. Subclasses set `kind` and declare their fields."""
@@ -65,6 +83,8 @@ class Result:
         path = Path(path)
         doc = json.loads((path / "result.json").read_text())
         kind = doc.get("kind")
+        if kind not in _KINDS:
+            _import_result_modules()
         if doc.get("format") != FORMAT or kind not in _KINDS:
             raise ValueError(f"{path}: unknown result kind {kind!r} or format {doc.get('format')!r}; "
                              f"known kinds: {', '.join(sorted(_KINDS))} (format {FORMAT})")

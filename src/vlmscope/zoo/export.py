@@ -28,11 +28,14 @@ CLIP_FILES = ("config.json", "model.safetensors", "processor_config.json", "toke
               "tokenizer_config.json")
 
 
-def choose_snapshots(index: list[dict], max_instruct: int) -> list[dict]:
-    """Every vision/align snapshot and the init, plus up to `max_instruct` instruction-tuning ones
-    spread evenly over that stage (its last one is the final model, shipped in fp32 instead)."""
+def choose_snapshots(index: list[dict], max_instruct: int, stage_ends: bool = False) -> list[dict]:
+    """Every snapshot of the earlier stages (with `stage_ends`, only the init and each stage's last)
+    plus up to `max_instruct` of the last stage spread evenly over it (its last one is the final
+    model, shipped in fp32 instead)."""
     last = "contrastive" if index and index[-1]["stage"] == "contrastive" else "instruct"  # shapes-clip
     fixed = [e for e in index if e["stage"] != last]
+    if stage_ends:
+        fixed = [e for i, e in enumerate(fixed) if i == 0 or i + 1 == len(fixed) or fixed[i + 1]["stage"] != e["stage"]]
     inst = [e for e in index if e["stage"] == last][:-1]
     if len(inst) > max_instruct:
         picks = {round(i * (len(inst) - 1) / max(1, max_instruct - 1)) for i in range(max_instruct)}
@@ -40,7 +43,8 @@ def choose_snapshots(index: list[dict], max_instruct: int) -> list[dict]:
     return fixed + inst
 
 
-def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME, note: str = "") -> Path:
+def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME, note: str = "",
+           stage_ends: bool = False) -> Path:
     """Copy a finished run into the package and write its card (with `note` on how the run went, e.g.
     a resumption with another schedule); returns the model folder."""
     final = run / "final"
@@ -55,7 +59,7 @@ def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME
         if f.is_file() and f.name != "training.json":
             shutil.copyfile(f, dest / f.name)
     index = read_index(run / "checkpoints")
-    chosen = choose_snapshots(index, max_instruct)
+    chosen = choose_snapshots(index, max_instruct, stage_ends)
     for e in chosen:
         shutil.copyfile(run / "checkpoints" / e["file"], dest / "checkpoints" / e["file"])
     write_json_atomic(chosen, dest / "checkpoints" / "index.json")
@@ -91,9 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-instruct", type=int, default=5,
                    help="snapshots kept from the last stage (shapes-clip: its only stage)")
     p.add_argument("--note", default="", help="how the run went, for the card (e.g. a resumption)")
+    p.add_argument("--stage-ends-only", action="store_true",
+                   help="of the earlier stages keep only the init and each stage's last snapshot (smaller)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    dest = export(Path(args.run), args.seed, args.n, args.max_instruct, name=args.name, note=args.note)
+    dest = export(Path(args.run), args.seed, args.n, args.max_instruct, name=args.name, note=args.note,
+                  stage_ends=args.stage_ends_only)
     print(json.dumps(json.loads((dest / "card.json").read_text())["accuracy"]))
 
 
