@@ -171,14 +171,47 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     words.plot().savefig(folder / "figure-word-match.png", dpi=110)
     from vlmscope import zoo
 
-    if "shapes-clip" in zoo.names():  # SpLiCE needs a dual encoder
-        spliced, splice_scores = grounded.splice_recovery(zoo.load("shapes-clip"), seed=seed)
+    if "shapes-clip" in zoo.names():  # SpLiCE and TEXTSPAN need a dual encoder
+        from vlmscope.methods.explain.zoo_textspan import zoo_textspan
+
+        clip = zoo.load("shapes-clip")
+        spliced, splice_scores = grounded.splice_recovery(clip, seed=seed)
         spliced.save(folder / "splice")
         scores.update(splice_scores)
+        heads, basis, textspan_scores = zoo_textspan(clip, seed=seed)
+        heads.save(folder / "textspan-heads")
+        basis.save(folder / "textspan")
+        heads.plot().savefig(folder / "figure-textspan-ablation.png", dpi=110)
+        scores.update(textspan_scores)
+    scores.update(_explain_neurons_and_patchscope(vlm, folder, seed))
     numeric = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     numeric["score"] = numeric.get("dissection / verification agreement", float("nan"))
-    _write_scores(folder, numeric)
+    _write_scores(folder, {**scores, **numeric})
     return numeric
+
+
+def _explain_neurons_and_patchscope(vlm, folder: Path, seed: int) -> dict:
+    """Domain-specific vision neurons (MMNeuron); for a model with an LM, modality-specific LM neurons
+    (MINER) and Patchscopes on image tokens. Saves each result under `folder`, returns the scores."""
+    from vlmscope.methods.explain.zoo import zoo_domain_neurons, zoo_modality_neurons
+    from vlmscope.methods.explain.zoo_patchscope import zoo_patchscope
+
+    dn, effects, scores = zoo_domain_neurons(vlm, seed=seed)
+    dn.save(folder / "domain-neurons")
+    for name, eff in effects.items():
+        eff.save(folder / f"domain-deactivation-{name.replace(' ', '-')}")
+    effects["first block"].plot().savefig(folder / "figure-domain-deactivation.png", dpi=110)
+    if vlm.adapter.dual_encoder:
+        return scores
+    mn, m_effects, m_scores = zoo_modality_neurons(vlm, seed=seed)
+    mn.save(folder / "modality-neurons")
+    for name, eff in m_effects.items():
+        eff.save(folder / f"modality-deactivation-{name.replace(' ', '-')}")
+    m_effects["first block"].plot().savefig(folder / "figure-modality-deactivation.png", dpi=110)
+    ps, ps_scores = zoo_patchscope(vlm, seed=seed)
+    ps.save(folder / "patchscope")
+    ps.plot().savefig(folder / "figure-patchscope.png", dpi=110)
+    return {**scores, **m_scores, **ps_scores}
 
 
 STAGES: dict[str, tuple[str, Callable]] = {

@@ -52,6 +52,14 @@ CAPTIONS = {
     "figure-verification.png": "SAE features labelled by dissection (IoU with concept masks) and the verdict of the "
                                "verification loop on controlled scenes.",
     "figure-word-match.png": "Answer words each MLP neuron of the last LM block writes, by cosine with the unembedding.",
+    "figure-textspan-ablation.png": "shapes-clip: share of each attribute's zero-shot evidence removed by mean-ablating "
+                                    "each attribute's TEXTSPAN heads, directly and in total.",
+    "figure-domain-deactivation.png": "Relative hidden change at background patches (first vision block) on each "
+                                      "domain with each domain's neurons held below their firing threshold.",
+    "figure-modality-deactivation.png": "Relative hidden change at image and text tokens (first LM block) with the "
+                                        "image- or text-specific neurons zeroed.",
+    "figure-patchscope.png": "Answer accuracy with an object's image-token state (read at each LM site) written "
+                             "into a blank image at another patch; dashed: chance.",
     "figure-feature-grid.png": "The most frequent SAE features (rows) on their top 4 scenes (columns): the "
                                "feature's activation at each patch drawn over the scene (dark: 0).",
     "figure-concept-f1.png": "For each colour and shape, the F1 of the single SAE feature that best detects "
@@ -127,6 +135,29 @@ def scorecard(root: Path) -> list[dict]:
                          sp["SpLiCE precision (colour and shape words)"], 0.9))
         rows.append(_row("automated explanation", "SpLiCE on shapes-clip: recall of colour/shape words",
                          sp["SpLiCE recall (colour and shape words)"], 0.9))
+    rows += _explain_rows(sp)
+    return rows
+
+
+def _explain_rows(sp: dict) -> list[dict]:
+    """Scorecard rows of TEXTSPAN, domain and modality neurons and Patchscopes (where they ran)."""
+    rows = []
+    if "TEXTSPAN: colour, shape, position with confirmed heads" in sp:
+        rows.append(_row("automated explanation", "TEXTSPAN on shapes-clip: colour, shape and position each have "
+                         "heads whose ablation takes ≥ 1.5× more of their own attribute (count)",
+                         sp["TEXTSPAN: colour, shape, position with confirmed heads"], 3))
+    hits = [sp.get(f"{d} neurons: own/other first block hit") for d in ("plain", "textured", "noisy")]
+    if all(h is not None for h in hits):
+        rows.append(_row("automated explanation", "domain-specific neurons (MMNeuron): deactivating a domain's "
+                         "neurons hits its images ≥ 2× the others (first vision block, weakest domain)", min(hits), 2.0))
+    mod = [sp.get(f"{m} neurons: own/other hit, first block") for m in ("image", "text")]
+    if all(h is not None for h in mod):
+        rows.append(_row("automated explanation", "modality-specific neurons (MINER): deactivation hits the "
+                         "targeted modality ≥ 2× the other (first LM block, weaker modality)", min(mod), 2.0))
+    ps = [sp.get(f"patchscope {q}: accuracy at lm.blocks.0.resid_post") for q in ("colour", "shape")]
+    if all(v is not None for v in ps):
+        rows.append(_row("automated explanation", "Patchscopes: an image token's first-block state, moved into "
+                         "a blank image, answers its object's colour and shape (lower accuracy)", min(ps), 0.9))
     return rows
 
 
@@ -182,12 +213,15 @@ def _reading(key: str, root: Path) -> str:
                 f"{int(sc.get('verdict: holds', 0))} labels hold, {int(sc.get('verdict: too broad', 0))} are too "
                 f"broad, {int(sc.get('verdict: too narrow', 0))} too narrow, "
                 f"{int(sc.get('verdict: does not hold', 0))} do not hold — agreement "
-                f"{sc.get('dissection / verification agreement', float('nan')):.2f}. Word matching reads which "
+                f"{sc.get('dissection / verification agreement', float('nan')):.2f} (among labels with IoU ≥ 0.5: "
+                f"{sc.get('agreement among labels with IoU >= 0.5', float('nan')):.2f}; "
+                f"{int(sc.get('labels naming a grid cell', 0))} labels name a grid cell, mostly features that fire "
+                "on objects anywhere, which verification rightly calls too broad). Word matching reads which "
                 "answer words the last block's neurons write into the unembedding. SpLiCE (Bhalla et al. 2024) on "
                 "shapes-clip decomposes single-object images over the world's words plus distractors: precision "
                 f"{sc.get('SpLiCE precision (colour and shape words)', float('nan')):.2f} and recall "
                 f"{sc.get('SpLiCE recall (colour and shape words)', float('nan')):.2f} for the object's colour and "
-                "shape.")
+                "shape." + _explain_reading(sc))
     if key == "sae":
         sc = _scores(root, "sae")
         return (f"A TopK sparse autoencoder trained on {sc.get('site', 'the vision tower')} at image patches. For each "
@@ -198,6 +232,54 @@ def _reading(key: str, root: Path) -> str:
                 f"({sc.get('shapes with F1 >= 0.8', 0)} of 5). No single feature captures: "
                 f"{sc.get('concepts no feature captures (F1 < 0.8)', '?') or 'none'}.")
     return ""
+
+
+def _explain_reading(sc: dict) -> str:
+    """The TEXTSPAN, neuron and Patchscopes part of the explanation stage's reading."""
+    nan = float("nan")
+    text = ""
+    if "TEXTSPAN: colour heads" in sc:
+        g = {k: sc.get(f"TEXTSPAN {k}", nan) for k in ("colour heads, direct ablation: own evidence drop",
+                                                        "colour heads, direct ablation: other evidence drop",
+                                                        "shape heads, total ablation: own evidence drop",
+                                                        "shape heads, total ablation: other evidence drop")}
+        v = list(g.values())
+        text += (f" TEXTSPAN (Gandelsman et al. 2024) names shapes-clip's vision heads by the texts that explain "
+                 f"their variance: colour {sc['TEXTSPAN: colour heads']}; shape {sc.get('TEXTSPAN: shape heads')}; "
+                 f"size {sc.get('TEXTSPAN: size heads')}. Mean-ablating the colour heads' direct contributions "
+                 f"removes {v[0]:.0%} of the colour evidence vs {v[1]:.0%} of the other attributes'; the shape heads "
+                 f"act through later layers (total ablation: {v[2]:.0%} vs {v[3]:.0%}). Position and background "
+                 "cannot be named: the text tower maps every position prompt to one point (smallest 1 − cos "
+                 f"{sc.get('TEXTSPAN: position texts, smallest 1 - cos', nan):.0e}) and zero-shot position accuracy is "
+                 f"{sc.get('TEXTSPAN: zero-shot position accuracy', nan):.2f} (chance 0.11): shapes-clip did not "
+                 "learn position.")
+    if "lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
+        hits = ", ".join(f"{d} {sc.get(f'{d} neurons: own/other first block hit', nan):.1f}× / "
+                         f"{sc.get(f'{d} neurons: own/other last block hit', nan):.1f}×"
+                         for d in ("plain", "textured", "noisy"))
+        text += (" Domain-specific neurons (MMNeuron, Huo et al. 2024) at background patches of the vision tower: "
+                 f"the lowest entropy over domains is {sc['lowest domain entropy (uniform: ln 3 = 1.10)']:.2f} "
+                 f"(uniform 1.10). Held below their firing threshold, each domain's neurons hit their own domain vs "
+                 f"the others by {hits} (first / last vision block) — the background barely matters to this model.")
+    if "image neurons: own/other hit, first block" in sc:
+        text += (" Modality-specific LM neurons (MINER, Huang et al. 2024): "
+                 f"{sc.get('image neurons in the first block', nan):.0%} of the image neurons sit in the first "
+                 f"block; zeroing them changes image tokens {sc['image neurons: own/other hit, first block']:.1f}× "
+                 f"as much as text tokens there, but "
+                 f"{sc.get('image neurons: own/other hit, last block', nan):.1f}× by the last block, once the image "
+                 f"has flowed into the text; text neurons: "
+                 f"{sc.get('text neurons: own/other hit, first block', nan):.0f}× and "
+                 f"{sc.get('text neurons: own/other hit, last block', nan):.0f}×.")
+    if "patchscope colour: blank image" in sc:
+        last = [k for k in sc if k.startswith("patchscope colour: accuracy at lm.blocks.")][-1]
+        text += (" Patchscopes (Ghandeharioun et al. 2024): an object's image-token state moved into a blank image "
+                 "at another patch answers its colour with accuracy "
+                 f"{sc.get('patchscope colour: accuracy at lm.blocks.0.resid_post', nan):.2f} from the first LM "
+                 f"block and {sc[last]:.2f} from the last "
+                 f"(blank image {sc['patchscope colour: blank image']:.2f}, chance "
+                 f"{sc.get('patchscope colour: chance', nan):.2f}); shape "
+                 f"{sc.get('patchscope shape: accuracy at lm.blocks.0.resid_post', nan):.2f}.")
+    return text
 
 
 def write_study(root: str | Path, label: str, sections: list[dict], seed: int = 0) -> Path:

@@ -164,6 +164,40 @@ def head_ablation(r, ax=None):
     return fig
 
 
+@plotter("attribute_heads")
+def attribute_heads(r, ax=None):
+    """Share of each named attribute's zero-shot evidence removed by ablating each attribute's TEXTSPAN
+    heads, directly (left) and in total (right); attributes the text tower cannot tell apart have no
+    evidence to remove and are left out."""
+    fig, axes = plt.subplots(1, len(r.modes), figsize=(3.6 * len(r.modes) + 1, 2.8), squeeze=False)
+    cols = [r.attributes.index(a) for a in r.named]
+    drop = r.evidence_drop[:, 1:][..., cols]  # (mode, group, named)
+    for m, (mode, a) in enumerate(zip(r.modes, axes[0])):
+        im = a.imshow(drop[m].numpy(), cmap="Reds", vmin=0, vmax=1, aspect="auto")
+        for (i, j), v in np.ndenumerate(drop[m].numpy()):
+            a.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        a.set_yticks(range(len(r.groups) - 1), [f"{g} heads" for g in r.groups[1:]] if m == 0 else [], fontsize=8)
+        a.set_xticks(range(len(cols)), list(r.named), fontsize=8)
+        a.set_title(f"{mode} ablation: evidence removed", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist())
+    return fig
+
+
+@plotter("patchscope_accuracy")
+def patchscope_accuracy(r, ax=None):
+    """Answer accuracy per site with an image token's state written into a blank image; dashed: chance."""
+    fig, ax = _axes(ax, (5, 3))
+    for i, q in enumerate(r.questions):
+        line = ax.plot(range(len(r.sites)), r.accuracy[i].numpy(), "o-", label=f"{q} question")[0]
+        ax.axhline(float(r.chance[i]), ls="--", color=line.get_color(), lw=0.8)
+    ax.set_xticks(range(len(r.sites)), [s.replace(".resid_post", "") for s in r.sites], rotation=30, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("answer accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 @plotter("deactivation")
 def deactivation(r, ax=None):
     """Hit per (ablated target, evaluated group)."""

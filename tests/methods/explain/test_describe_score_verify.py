@@ -13,15 +13,8 @@ from vlmscope import testing as T
 from vlmscope.data.scene import sample_scene
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.concepts import concept_masks, parse
-from vlmscope.methods.explain.describe import (
-    Dissection,
-    LLMDescription,
-    PatchscopeResult,
-    describe_with_llm,
-    dissect,
-    llm_messages,
-    patchscope,
-)
+from vlmscope.methods.explain.describe import Dissection, LLMDescription, describe_with_llm, dissect, llm_messages
+from vlmscope.methods.explain.patchscope import PatchscopeResult, patchscope
 from vlmscope.methods.explain.score import ExplanationScores, correlation, score_explanations
 from vlmscope.methods.explain.verify import Verification, verify
 from vlmscope.results import Result

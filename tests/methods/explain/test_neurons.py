@@ -5,6 +5,7 @@ import torch
 
 import vlmscope as vs
 from vlmscope import testing as T
+from vlmscope.errors import InputError
 from vlmscope.methods.explain.neurons import (
     Deactivation,
     DomainNeurons,
@@ -61,6 +62,21 @@ def test_planted_domain_neuron_is_selected_and_its_deactivation_hits_its_domain(
     effect = deactivate(m, {"noisy": inputs["noisy"], "plain": inputs["plain"]},
                         {"noisy": res.neurons_for("noisy")}, lambda vlm, g, x, ivs: text_change(vlm, "text", x, ivs))
     assert effect.selectivity["noisy"] >= 2.0
+    # clamping at the firing threshold switches off the firing only: as selective as zeroing here
+    clamped = deactivate(m, {"noisy": inputs["noisy"], "plain": inputs["plain"]}, {"noisy": res.neurons_for("noisy")},
+                         lambda vlm, g, x, ivs: text_change(vlm, "text", x, ivs), how="clamp",
+                         reference=res.reference("clamp"))
+    assert clamped.selectivity["noisy"] >= 2.0
+    # mean-ablation writes the (large) mean where the sparse neuron was silent: the other domain is hit harder
+    ref = torch.cat([m.run_with_cache(x, "lm.blocks.0.mlp.post")[1]["lm.blocks.0.mlp.post"][m.select(x, "text")]
+                     for x in inputs.values()]).mean(0)
+    assert torch.allclose(res.reference("mean")["lm.blocks.0.mlp.post"], ref, atol=1e-5)
+    by_mean = deactivate(m, {"noisy": inputs["noisy"], "plain": inputs["plain"]}, {"noisy": res.neurons_for("noisy")},
+                         lambda vlm, g, x, ivs: text_change(vlm, "text", x, ivs), how="mean",
+                         reference=res.reference("mean"))
+    assert by_mean.selectivity["noisy"] < 1.0
+    with pytest.raises(InputError, match="reference"):
+        deactivate(m, inputs, {"noisy": res.neurons_for("noisy")}, lambda *a: 0.0, how="clamp")
     back = Result.load(res.save(tmp_path / "dn"))
     assert isinstance(back, DomainNeurons) and back.neurons_for("noisy") == res.neurons_for("noisy")
     back = Result.load(effect.save(tmp_path / "de"))

@@ -81,3 +81,37 @@ def test_head_ablation_matches_a_hand_written_mean_ablation(clip, tmp_path):
     assert res.groups == ("none", "two") and res.heads == ((), ("L1.H0", "L1.H1"))
     back = Result.load(res.save(tmp_path / "ha"))
     assert isinstance(back, HeadAblation) and back.heads == res.heads and torch.equal(back.accuracy, res.accuracy)
+
+
+def test_direct_ablation_replaces_a_component_by_its_mean(clip):
+    m, x = clip
+    hc = head_contributions(m, x)
+    i = hc.components.index("L1.H2")
+    out = hc.ablated(["L1.H2"])
+    by_hand = hc.values.sum(1) - hc.values[:, i] + hc.values[:, i].mean(0)
+    assert torch.allclose(out, by_hand, atol=1e-5)
+    assert torch.allclose(hc.ablated([]), hc.embedding)
+    with pytest.raises(InputError, match="unknown components"):
+        hc.ablated(["L9.H0"])
+
+
+def test_attribute_shares_sum_the_explained_variance_gains():
+    explained = torch.tensor([[0.5, 0.7, 0.9], [0.1, 0.6, 0.6]])
+    ts = TextSpanResult(("L0.H0", "L0.H1"), (("red", "circle", "blue"), ("circle", "red", "noise")),
+                        torch.tensor([[0, 1, 2], [1, 0, 3]]), explained, torch.ones(2))
+    attrs, share = ts.attribute_shares({"red": "colour", "blue": "colour", "circle": "shape"})
+    assert attrs == ("colour", "shape")
+    assert torch.allclose(share, torch.tensor([[0.7, 0.2], [0.5, 0.1]]))  # "noise" names no attribute
+
+
+def test_textspan_does_not_renormalise_a_text_already_explained():
+    """A near-copy of the first pick keeps only a sliver of its own (unit) length after removal: the
+    paper scores that sliver as it is, so the near-copy is not picked for the variance it points at."""
+    g = torch.Generator().manual_seed(1)
+    e = torch.eye(6)
+    texts = torch.stack([e[0], e[0] + 1e-3 * e[1], e[2]])
+    c = torch.randn(200, 3, generator=g) * torch.tensor([3.0, 2.0, 1.0])
+    values = (c @ e[:3])[:, None]  # one head varying along e0 (std 3), e1 (2), e2 (1)
+    hc = HeadContributions(("L0.H0",), values, values[:, 0])
+    ts = textspan(hc, texts, ["first", "near-copy", "third"], n_texts=2)
+    assert ts.texts[0][0] in ("first", "near-copy") and ts.texts[0][1] == "third"

@@ -8,15 +8,7 @@ the explanation is (see docs/explain.md).
 """
 
 from vlmscope.methods.explain.concepts import all_concepts, concept_masks, parse
-from vlmscope.methods.explain.describe import (
-    Dissection,
-    LLMDescription,
-    PatchscopeResult,
-    describe_with_llm,
-    dissect,
-    llm_messages,
-    patchscope,
-)
+from vlmscope.methods.explain.describe import Dissection, LLMDescription, describe_with_llm, dissect, llm_messages
 from vlmscope.methods.explain.neurons import (
     Deactivation,
     DomainNeurons,
@@ -26,6 +18,12 @@ from vlmscope.methods.explain.neurons import (
     hidden_change,
     modality_deactivation,
     modality_neurons,
+)
+from vlmscope.methods.explain.patchscope import (
+    PatchscopeResult,
+    patchscope,
+    patchscope_inputs,
+    patchscope_logits,
 )
 from vlmscope.methods.explain.score import ExplanationScores, correlation, score_explanations
 from vlmscope.methods.explain.splice import SpliceResult, nonneg_lasso, splice, splice_decompose
@@ -39,13 +37,17 @@ from vlmscope.methods.explain.textspan import (
 )
 from vlmscope.methods.explain.verify import Verification, judge, verify, verify_many
 from vlmscope.methods.explain.word_match import WordMatch, neuron_directions, vlm_word_match, word_match
+from vlmscope.methods.explain.zoo import ExplainedFeatures, zoo_domain_neurons, zoo_modality_neurons
+from vlmscope.methods.explain.zoo_patchscope import PatchscopeAccuracy, zoo_patchscope
+from vlmscope.methods.explain.zoo_textspan import AttributeHeads, zoo_textspan
 
 __all__ = [
-    "Deactivation", "Dissection", "DomainNeurons", "ExplanationScores", "HeadAblation", "HeadContributions",
-    "LLMDescription", "ModalityNeurons", "PatchscopeResult", "SpliceResult", "TextSpanResult", "Verification",
-    "WordMatch", "all_concepts", "concept_masks", "correlation", "deactivate", "describe_with_llm", "dissect",
-    "domain_neurons", "head_ablation", "head_contributions", "hidden_change", "judge", "llm_messages",
-    "modality_deactivation", "modality_neurons", "neuron_directions", "nonneg_lasso", "parse", "patchscope",
-    "score_explanations", "splice", "splice_decompose", "textspan", "verify", "verify_many", "vlm_word_match",
-    "word_match",
+    "AttributeHeads", "Deactivation", "Dissection", "DomainNeurons", "ExplainedFeatures", "ExplanationScores",
+    "HeadAblation", "HeadContributions", "LLMDescription", "ModalityNeurons", "PatchscopeAccuracy",
+    "PatchscopeResult", "SpliceResult", "TextSpanResult", "Verification", "WordMatch", "all_concepts",
+    "concept_masks", "correlation", "deactivate", "describe_with_llm", "dissect", "domain_neurons",
+    "head_ablation", "head_contributions", "hidden_change", "judge", "llm_messages", "modality_deactivation",
+    "modality_neurons", "neuron_directions", "nonneg_lasso", "parse", "patchscope", "patchscope_inputs",
+    "patchscope_logits", "score_explanations", "splice", "splice_decompose", "textspan", "verify", "verify_many",
+    "vlm_word_match", "word_match", "zoo_domain_neurons", "zoo_modality_neurons", "zoo_patchscope", "zoo_textspan",
 ]

@@ -1,7 +1,11 @@
-"""`vlmscope explain features | neurons | words`: automated explanation from the command line.
+"""`vlmscope explain features | neurons | modality | textspan | patchscope | words`: automated
+explanation from the command line.
 
     vlmscope explain features --model shapes-llava --sae DIR --site connector.out --out OUT
     vlmscope explain neurons --model shapes-llava --out OUT
+    vlmscope explain modality --model shapes-llava
+    vlmscope explain textspan --model shapes-clip
+    vlmscope explain patchscope --model shapes-llava
     vlmscope explain words --model shapes-llava --sae DIR --feature 3 --feature 7
 
 Results are saved as result folders under --out (`vlmscope report` draws them); a summary is
@@ -17,7 +21,7 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `explain features | neurons | words` to the main CLI's subparsers; each sets `func(args) -> int`."""
+    """Add `explain features | neurons | ... | words` to the main CLI's subparsers; each sets `func(args) -> int`."""
     ex = subparsers.add_parser("explain", help="automated explanation of SAE features, neurons and words")
     sub = ex.add_subparsers(dest="explain_command", required=True)
     f = sub.add_parser("features", help="dissection labels, simulation scores and verification of SAE features")
@@ -31,13 +35,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     f.add_argument("--llm-model", default="gpt-4o-mini")
     f.add_argument("--out", default=None)
     f.set_defaults(func=cmd_features)
-    n = sub.add_parser("neurons", help="domain-specific LM neurons and their deactivation")
+    n = sub.add_parser("neurons", help="domain-specific neurons (MMNeuron) and their deactivation")
     n.add_argument("--model", default="shapes-llava")
+    n.add_argument("--sites", default="vision.blocks.*.mlp.post")
+    n.add_argument("--where", choices=["background", "image"], default="background", help="patches read")
     n.add_argument("--examples", type=int, default=120)
     n.add_argument("--top-fraction", type=float, default=0.01)
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--out", default=None)
     n.set_defaults(func=cmd_neurons)
+    for name, fn, model, helptext in (
+            ("modality", cmd_modality, "shapes-llava", "image- and text-specific LM neurons (MINER), deactivated"),
+            ("textspan", cmd_textspan, "shapes-clip", "TEXTSPAN heads of a dual encoder, checked by ablation"),
+            ("patchscope", cmd_patchscope, "shapes-llava", "image-token states decoded in a blank image")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", default=model)
+        p.add_argument("--examples", type=int, default=None, help="default: the experiment's own")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--out", default=None)
+        p.set_defaults(func=fn)
     w = sub.add_parser("words", help="vocabulary words aligned with SAE decoder rows")
     w.add_argument("--model", default="shapes-llava")
     w.add_argument("--sae", required=True)
@@ -82,16 +98,48 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show(scores: dict, out: str | None, results: dict) -> int:
+    """Print the scores and save each result (name -> result) under --out."""
+    print(json.dumps(scores, indent=1))
+    for name, res in results.items():
+        _save(res, out, name.replace(" ", "_"))
+    return 0
+
+
 def cmd_neurons(args: argparse.Namespace) -> int:
     from vlmscope.methods.explain.zoo import zoo_domain_neurons
 
     dn, effects, scores = zoo_domain_neurons(_model(args.model), n=args.examples, seed=args.seed,
-                                             top_fraction=args.top_fraction)
+                                             top_fraction=args.top_fraction, sites=args.sites, where=args.where)
     print(dn)
-    print(json.dumps(scores, indent=1))
-    _save(dn, args.out, "domain_neurons")
-    for name, eff in effects.items():
-        _save(eff, args.out, f"deactivation_{name}")
+    return _show(scores, args.out, {"domain_neurons": dn} | {f"deactivation {k}": e for k, e in effects.items()})
+
+
+def _sized(args: argparse.Namespace) -> dict:
+    return {"seed": args.seed} | ({"n": args.examples} if args.examples else {})
+
+
+def cmd_modality(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.zoo import zoo_modality_neurons
+
+    res, effects, scores = zoo_modality_neurons(_model(args.model), **_sized(args))
+    return _show(scores, args.out, {"modality_neurons": res} | {f"deactivation {k}": e for k, e in effects.items()})
+
+
+def cmd_textspan(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.zoo_textspan import zoo_textspan
+
+    res, ts, scores = zoo_textspan(_model(args.model), **_sized(args))
+    print(res)
+    return _show(scores, args.out, {"attribute_heads": res, "textspan": ts})
+
+
+def cmd_patchscope(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.zoo_patchscope import zoo_patchscope
+
+    res, scores = zoo_patchscope(_model(args.model), **_sized(args))
+    print(res.to_dataframe().to_string(index=False))
+    _save(res, args.out, "patchscope")
     return 0
 
 

@@ -3,9 +3,7 @@
 (a) `dissect`: network dissection (Bau et al. 2017). A feature's activation map over patches is
     thresholded at its top quantile over the dataset; its IoU with each concept's patch mask
     (ground truth, `concepts.concept_masks`) ranks the concepts, the best one is its label.
-(b) `patchscope`: Patchscopes-style decoding (Ghandeharioun et al. 2024): a representation is
-    written into the residual stream of a target prompt at a placeholder token and the LM's next
-    token distribution is read.
+(b) Patchscopes decoding lives in patchscope.py.
 (c) `describe_with_llm`: an optional describer that sends the evidence to an LLM behind an
     OpenAI-compatible chat-completions endpoint given by URL (nothing is sent unless called;
     `llm_messages` shows exactly what would be sent).
@@ -22,7 +20,6 @@ from typing import Any
 import torch
 
 from vlmscope.errors import InputError
-from vlmscope.model.interventions import patch
 from vlmscope.results import Result, long_frame
 
 
@@ -77,56 +74,6 @@ def dissect(maps: torch.Tensor, masks: Mapping[str, torch.Tensor], quantile: flo
     iou = inter / union.clamp_min(1)
     features = tuple(features) if features is not None else tuple(str(i) for i in range(len(maps)))
     return Dissection(features, concepts, iou, thr, float(quantile), float(min_iou))
-
-
-@dataclass(frozen=True, repr=False)
-class PatchscopeResult(Result):
-    """Top next-token predictions of the target prompt with each representation injected."""
-
-    kind = "patchscope"
-    prompt: str
-    placeholder: str
-    layer: int
-    labels: tuple[str, ...]
-    top_ids: torch.Tensor  # (vector, k)
-    top_probs: torch.Tensor  # (vector, k)
-    top_tokens: tuple[tuple[str, ...], ...]
-
-    def __post_init__(self):  # a loaded result holds JSON lists: restore the nested tuples
-        object.__setattr__(self, "top_tokens", tuple(tuple(row) for row in self.top_tokens))
-
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame([{"vector": lab, "rank": r, "token": t, "prob": float(self.top_probs[i, r])}
-                             for i, lab in enumerate(self.labels) for r, t in enumerate(self.top_tokens[i])])
-
-
-def patchscope(vlm, vectors: torch.Tensor, layer: int, prompt: str, placeholder: str, k: int = 5,
-               labels: Sequence[str] | None = None) -> PatchscopeResult:
-    """Write each vector (n, d) into `lm.blocks.{layer}.resid_post` at the placeholder token of the
-    text-only `prompt` and read the top-k next tokens after the prompt's last token."""
-    vectors = vectors[None] if vectors.dim() == 1 else vectors
-    tok = vlm.tokenizer
-    enc = tok([prompt] * len(vectors), return_tensors="pt")
-    ids = enc["input_ids"]
-    (pid,) = tok.convert_tokens_to_ids([placeholder])
-    where = (ids[0] == pid).nonzero().flatten()
-    if pid is None or len(where) == 0:
-        raise InputError(f"placeholder {placeholder!r} is not a token of the prompt {prompt!r}")
-    site = f"lm.blocks.{layer}.resid_post"
-    dtype = next(vlm.model.parameters()).dtype
-    source = torch.zeros(*ids.shape, vectors.shape[-1], dtype=dtype)  # (n, pos, d)
-    source[:, int(where[-1])] = vectors.to(dtype)
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    mask[:, int(where[-1])] = True
-    inputs = {"input_ids": ids, "attention_mask": enc.get("attention_mask", torch.ones_like(ids))}
-    out = vlm.run(inputs, [patch(site, source, positions=mask)])
-    probs = out.logits[:, -1].float().softmax(-1)  # (n, vocab)
-    top = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    words = tuple(tuple(str(t) for t in tok.convert_ids_to_tokens(row)) for row in top.indices.tolist())
-    labels = tuple(labels) if labels is not None else tuple(str(i) for i in range(len(vectors)))
-    return PatchscopeResult(prompt, placeholder, layer, labels, top.indices, top.values, words)
 
 
 # --- (c) an optional LLM describer -------------------------------------------------------------------

@@ -8,8 +8,13 @@
 - Modality-specific neurons (MINER, Huang et al. 2024): a neuron's importance for image and for
   text tokens (mean |activation| over each modality's positions, each relative to its layer's
   average); the log ratio ranks image- and text-specific neurons.
-- `deactivate`: zero-ablate each selected set (`vlmscope.ablate(site, neurons=...)`) and measure
-  how hard each group (domain, modality) is hit; the targeted group should be hit hardest.
+- `deactivate`: switch each selected set off and measure how hard each group (domain, modality) is
+  hit; the targeted group should be hit hardest. "zero" sets the neurons to 0 (MMNeuron, MINER);
+  "clamp" holds them at or below their firing threshold, which is MMNeuron's zeroing generalised to
+  the firing rule used: with a ReLU and fire="positive" the two are the same, while zeroing a dense
+  GELU / SiLU neuron shifts every group alike and hides what is specific to one; "mean" sets them to
+  their mean over every group (standard mean-ablation; it writes that mean where a sparse neuron
+  was silent, hitting the other groups).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 import torch
 
 from vlmscope.errors import InputError
-from vlmscope.model.interventions import ablate
+from vlmscope.model.interventions import ablate, hook
 from vlmscope.results import Result, long_frame
 
 
@@ -52,6 +57,8 @@ class DomainNeurons(Result):
     selected_neuron: torch.Tensor  # (k,)
     selected_domain: torch.Tensor  # (k,) index into domains
     fire: str
+    mean: torch.Tensor  # (site, neuron) mean activation over every domain's tokens (for how="mean")
+    threshold: torch.Tensor  # (site, neuron) the firing threshold (for how="clamp")
 
     def __repr__(self) -> str:
         counts = {d: int((self.selected_domain == i).sum()) for i, d in enumerate(self.domains)}
@@ -66,6 +73,14 @@ class DomainNeurons(Result):
             if dd == d:
                 out.setdefault(self.sites[s], []).append(n)
         return out
+
+    def reference(self, how: str) -> dict[str, torch.Tensor] | None:
+        """site -> (neuron,) values `deactivate(..., how, reference)` needs: thresholds for "clamp",
+        means for "mean", None for "zero"."""
+        if how not in DEACTIVATIONS:
+            raise InputError(f"unknown deactivation {how!r}; valid: {', '.join(DEACTIVATIONS)}")
+        table = {"clamp": self.threshold, "mean": self.mean}.get(how)
+        return None if table is None else dict(zip(self.sites, table))
 
     def to_dataframe(self):
         """One row per selected neuron: site, neuron, domain, entropy, probability per domain."""
@@ -112,7 +127,7 @@ def domain_neurons(vlm, inputs_by_domain: Mapping[str, Mapping[str, Any]], sites
         raise InputError("domain-specific neurons need at least two domains")
     acts = {d: _acts(vlm, x, sites, positions) for d, x in inputs_by_domain.items()}
     names = list(next(iter(acts.values())))
-    probs, gaps = [], []
+    probs, gaps, mean, thresholds = [], [], [], []
     for s in names:
         per = [acts[d][s] for d in inputs_by_domain]  # each (rows, neuron)
         if fire == "quantile":
@@ -123,11 +138,14 @@ def domain_neurons(vlm, inputs_by_domain: Mapping[str, Mapping[str, Any]], sites
             thr = torch.zeros(per[0].shape[-1])
         probs.append(torch.stack([(a > thr).float().mean(0) for a in per], -1))  # (neuron, domain)
         means = torch.stack([a.mean(0) for a in per], -1)  # (neuron, domain)
+        mean.append(torch.cat(per).mean(0))
+        thresholds.append(thr)
         gaps.append((means.max(-1).values - means.median(-1).values) / (torch.cat(per).std(0) + 1e-6))
     prob = torch.stack(probs)  # (site, neuron, domain)
     ent, flat, dom = entropy_selection(prob, top_fraction, torch.stack(gaps))
     n = prob.shape[1]
-    return DomainNeurons(tuple(names), tuple(inputs_by_domain), prob, ent, flat // n, flat % n, dom, fire)
+    return DomainNeurons(tuple(names), tuple(inputs_by_domain), prob, ent, flat // n, flat % n, dom, fire,
+                         torch.stack(mean), torch.stack(thresholds))
 
 
 @dataclass(frozen=True, repr=False)
@@ -204,30 +222,60 @@ class Deactivation(Result):
                                                           "group": list(self.groups)}, self.metric)
 
 
-def ablations(neurons: Mapping[str, Sequence[int]]) -> list:
-    """Zero-ablation interventions for site -> neurons."""
-    return [ablate(site, neurons=list(ns)) for site, ns in neurons.items() if ns]
+DEACTIVATIONS = ("zero", "clamp", "mean")
+
+
+def _clamp(site: str, neurons: Sequence[int], cap: torch.Tensor):
+    idx = torch.tensor(list(neurons))
+
+    def fn(t: torch.Tensor, *, site: str) -> torch.Tensor:  # (..., neuron)
+        out = t.clone()
+        out[..., idx] = torch.minimum(t[..., idx], cap[idx].to(t.device, t.dtype))
+        return out
+    return hook(site, fn)
+
+
+def ablations(neurons: Mapping[str, Sequence[int]], how: str = "zero",
+              reference: Mapping[str, torch.Tensor] | None = None) -> list:
+    """Interventions switching off site -> neurons (see the module docstring); "clamp" and "mean"
+    read `reference[site]`, (neuron,) thresholds or means (`DomainNeurons.reference(how)`)."""
+    if how not in DEACTIVATIONS:
+        raise InputError(f"unknown deactivation {how!r}; valid: {', '.join(DEACTIVATIONS)}")
+    if how != "zero" and reference is None:
+        raise InputError(f"deactivation {how!r} needs reference= (site -> per-neuron values)")
+    out = []
+    for site, ns in neurons.items():
+        if not ns:
+            continue
+        if how == "zero":
+            out.append(ablate(site, neurons=list(ns)))
+        elif how == "mean":
+            out.append(ablate(site, "mean", neurons=list(ns), reference=reference[site]))
+        else:
+            out.append(_clamp(site, ns, reference[site]))
+    return out
 
 
 def deactivate(vlm, inputs_by_group: Mapping[str, Mapping[str, Any]], neuron_sets: Mapping[str, Mapping[str,
                Sequence[int]]], damage: Callable[[Any, str, Mapping[str, Any], list], float],
-               metric: str = "damage") -> Deactivation:
-    """For each target's neurons (site -> neurons) zero-ablated, `damage(vlm, group, inputs, interventions)`
-    on each group's inputs (it should return 0 for no interventions)."""
-    hit = torch.tensor([[damage(vlm, g, x, ablations(ns)) for g, x in inputs_by_group.items()]
+               metric: str = "damage", how: str = "zero", reference: Mapping[str, torch.Tensor] | None = None,
+               ) -> Deactivation:
+    """For each target's neurons (site -> neurons) switched off (`ablations(ns, how, reference)`),
+    `damage(vlm, group, inputs, interventions)` on each group's inputs (0 for no interventions)."""
+    hit = torch.tensor([[damage(vlm, g, x, ablations(ns, how, reference)) for g, x in inputs_by_group.items()]
                         for ns in neuron_sets.values()])
     return Deactivation(tuple(neuron_sets), tuple(inputs_by_group), hit,
                         tuple(sum(len(v) for v in ns.values()) for ns in neuron_sets.values()), metric)
 
 
-def hidden_change(site: str | None = None) -> Callable:
-    """A `damage` for modality groups ("image", "text"): the mean relative change ||h' - h|| / ||h||
-    of a residual site (default: the LM's last block output) at the group's positions."""
+def hidden_change(site: str | None = None, positions=None) -> Callable:
+    """A `damage`: the mean relative change ||h' - h|| / ||h|| of a residual site (default: the LM's
+    last block output) at `positions`, by default the group's own (modality groups "image", "text")."""
     def damage(vlm, group, inputs, interventions) -> float:
         s = site or f"lm.blocks.{vlm.n_layers('lm') - 1}.resid_post"
         _, clean = vlm.run_with_cache(inputs, s)
         _, hurt = vlm.run_with_cache(inputs, s, interventions=interventions)
-        mask = vlm.select(inputs, group, stream=vlm.site(s).stream)
+        mask = vlm.select(inputs, group if positions is None else positions, stream=vlm.site(s).stream)
         a, b = clean[s][mask].float(), hurt[s][mask].float()
         return float(((b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)).mean())
     return damage

@@ -10,7 +10,9 @@ writes into the image embedding, named by text.
    pooling + MLP) have no such decomposition and are refused.
 2. `textspan`: per head, greedily pick from a caption pool the text direction that explains most of
    the variance of the head's outputs across images, project it out of both, and repeat.
-3. `head_ablation`: mean-ablate named heads and measure zero-shot accuracy per attribute.
+3. `head_ablation`: mean-ablate named heads at every position of the tower (their total effect)
+   and measure zero-shot accuracy per attribute; `HeadContributions.ablated` mean-ablates only
+   their direct contributions to the embedding, as the paper does.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ class HeadContributions(Result):
             if ".H" in c and (layers is None or int(c[1:c.index(".")]) in layers):
                 out.append(i)
         return out
+
+    def ablated(self, components: Sequence[str]) -> torch.Tensor:
+        """(image, d_proj) embeddings with the named components' direct contributions mean-ablated
+        (each replaced by its mean over these images), as the paper ablates heads."""
+        unknown = sorted(set(components) - set(self.components))
+        if unknown:
+            raise InputError(f"unknown components {unknown}; valid: {', '.join(self.components)}")
+        idx = [self.components.index(c) for c in components]
+        parts = self.values[:, idx]  # (image, k, d_proj)
+        return self.embedding - (parts - parts.mean(0)).sum(1)
 
     def to_dataframe(self):
         """Per component: mean norm of its contribution and its variance across images."""
@@ -137,6 +149,18 @@ class TextSpanResult(Result):
                 out[head] = votes.most_common(1)[0][0]
         return out
 
+    def attribute_shares(self, attribute_of: Mapping[str, str]) -> tuple[tuple[str, ...], torch.Tensor]:
+        """(attributes, (head, attribute) share of each head's variance its chosen texts of each
+        attribute explain): the explained-variance gain of every pick, summed per attribute."""
+        attributes = tuple(dict.fromkeys(attribute_of.values()))
+        gain = torch.diff(self.explained, dim=1, prepend=torch.zeros(len(self.heads), 1))  # (head, n_texts)
+        out = torch.zeros(len(self.heads), len(attributes))
+        for h, texts in enumerate(self.texts):
+            for r, t in enumerate(texts):
+                if t in attribute_of:
+                    out[h, attributes.index(attribute_of[t])] += gain[h, r]
+        return attributes, out
+
     def to_dataframe(self):
         df = long_frame(self.explained, ("head", "rank"), {"head": list(self.heads)}, "explained")
         df["text"] = [t for row in self.texts for t in row]
@@ -146,8 +170,9 @@ class TextSpanResult(Result):
 def textspan(contrib: HeadContributions, text_emb: torch.Tensor, texts: Sequence[str],
              layers: Sequence[int] | None = None, n_texts: int = 5) -> TextSpanResult:
     """TEXTSPAN's greedy basis per head of `layers` (default: the last two): the text whose
-    unit embedding captures most of the head's remaining variance, then both the head's
-    outputs and the pool are projected off it."""
+    direction captures most of the head's remaining variance, then both the head's outputs and
+    the pool are projected off it. Texts are unit-normalised once and not after each removal (as
+    in the paper's code), so a text that earlier picks already explain scores low."""
     if text_emb.shape[0] != len(texts):
         raise InputError(f"{text_emb.shape[0]} text embeddings for {len(texts)} texts")
     if layers is None:
@@ -163,15 +188,15 @@ def textspan(contrib: HeadContributions, text_emb: torch.Tensor, texts: Sequence
         c = contrib.values[:, i].double()
         c = c - c.mean(0)  # (image, d)
         total = c.pow(2).sum()
-        r = torch.nn.functional.normalize(pool, dim=-1)
+        r = torch.nn.functional.normalize(pool, dim=-1)  # (text, d)
         chosen, ev = [], []
         for _ in range(n_texts):
-            score = (c @ r.T).pow(2).sum(0)  # (text,) variance along each text direction
+            score = (c @ r.T).pow(2).sum(0)  # (text,) variance along each (remaining) text
             score[chosen] = -1.0
             j = int(score.argmax())
             d = r[j] / r[j].norm().clamp_min(1e-12)
             c = c - (c @ d)[:, None] * d
-            r = torch.nn.functional.normalize(r - (r @ d)[:, None] * d, dim=-1)
+            r = r - (r @ d)[:, None] * d
             chosen.append(j)
             ev.append(float(1 - c.pow(2).sum() / total) if total > 0 else 0.0)
         ids.append(chosen)
@@ -217,6 +242,17 @@ def _zero_shot(vlm, pixel_values: torch.Tensor, prompts: Mapping[str, Mapping[st
     return accs
 
 
+def head_mean_ablations(heads: Sequence[str], reference: Mapping[str, torch.Tensor]) -> list:
+    """Interventions mean-ablating heads "L{i}.H{h}" of the vision tower at every position, each set
+    to its mean over `reference` (site -> (image, pos, head, d_head) attn.z activations)."""
+    by_layer: dict[int, list[int]] = {}
+    for h in heads:
+        layer, head = h[1:].split(".H")
+        by_layer.setdefault(int(layer), []).append(int(head))
+    return [ablate(f"vision.blocks.{li}.attn.z", "mean", heads=hs, reference=reference[f"vision.blocks.{li}.attn.z"]
+                   .mean(0)) for li, hs in sorted(by_layer.items())]
+
+
 def head_ablation(vlm, pixel_values: torch.Tensor, prompts: Mapping[str, Mapping[str, Any]],
                   labels: Mapping[str, torch.Tensor], groups: Mapping[str, Sequence[str]],
                   reference_pixels: torch.Tensor | None = None) -> HeadAblation:
@@ -230,12 +266,6 @@ def head_ablation(vlm, pixel_values: torch.Tensor, prompts: Mapping[str, Mapping
     _, ref = vlm.run_with_cache(ref_in, "vision.blocks.*.attn.z")
     rows = [_zero_shot(vlm, pixel_values, prompts, labels, ())]
     for heads in groups.values():
-        by_layer: dict[int, list[int]] = {}
-        for h in heads:
-            layer, head = h[1:].split(".H")
-            by_layer.setdefault(int(layer), []).append(int(head))
-        ivs = [ablate(f"vision.blocks.{li}.attn.z", "mean", heads=hs,
-                      reference=ref[f"vision.blocks.{li}.attn.z"].mean(0)) for li, hs in by_layer.items()]
-        rows.append(_zero_shot(vlm, pixel_values, prompts, labels, ivs))
+        rows.append(_zero_shot(vlm, pixel_values, prompts, labels, head_mean_ablations(heads, ref)))
     return HeadAblation(("none", *groups), ((),) + tuple(tuple(h) for h in groups.values()), tuple(prompts),
                         torch.tensor(rows))

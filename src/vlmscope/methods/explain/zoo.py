@@ -13,9 +13,18 @@ import numpy as np
 import torch
 
 from vlmscope.data import DOMAINS
+from vlmscope.errors import InputError
 from vlmscope.methods.explain.concepts import all_concepts, concept_masks
 from vlmscope.methods.explain.describe import dissect
-from vlmscope.methods.explain.neurons import DomainNeurons, deactivate, domain_neurons, hidden_change
+from vlmscope.methods.explain.neurons import (
+    DomainNeurons,
+    ModalityNeurons,
+    deactivate,
+    domain_neurons,
+    hidden_change,
+    modality_deactivation,
+    modality_neurons,
+)
 from vlmscope.methods.explain.score import score_explanations
 from vlmscope.methods.explain.verify import verify_many
 from vlmscope.methods.metrics import last_logits
@@ -112,6 +121,10 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
               "mean label precision": float(sim.precision.nanmean())}
     for v in ("holds", "too broad", "too narrow", "does not hold"):
         scores[f"verdict: {v}"] = sum(c.verdict == v for c in checks)
+    strong = res.iou >= 0.5  # diagnostics: does verification follow dissection's own confidence?
+    scores["agreement among labels with IoU >= 0.5"] = (
+        sum(v == "holds" for v, s in zip(res.verdicts, strong.tolist()) if s) / max(int(strong.sum()), 1))
+    scores["labels naming a grid cell"] = sum(lab.startswith("cell=") for lab in labels)
     return res, scores
 
 
@@ -125,27 +138,73 @@ def _answer_logprob_drop(answers: dict[str, torch.Tensor]):
     return damage
 
 
+def background_mask(vlm, inputs, scenes, stream: str) -> torch.Tensor:
+    """(batch, pos) True at the image patches of `stream` where no object is (ground truth)."""
+    pos = vlm.positions(inputs)[stream]
+    return (pos.row >= 0) & (truth.patch_labels(vlm, inputs, scenes, "colour", stream=stream) < 0)
+
+
 def zoo_domain_neurons(vlm, n: int = 120, seed: int = 0, top_fraction: float = 0.01,
-                       sites: str = "lm.blocks.*.mlp.post") -> tuple[DomainNeurons, dict, dict[str, float]]:
-    """Domain-specific neurons for the three backgrounds (the same scenes and questions rendered on
-    each), then deactivation: returns (neurons, {"answer": Deactivation, "hidden": Deactivation}, scores)."""
+                       sites: str = "vision.blocks.*.mlp.post", where: str = "background", quantile: float = 0.9,
+                       how: str = "clamp") -> tuple[DomainNeurons, dict, dict[str, float]]:
+    """Domain-specific neurons for the three backgrounds: the same scenes and questions rendered on
+    each, firing read at the background patches (`where="image"`: every patch) of the sites' stream;
+    each domain's neurons are then switched off (`how`, see neurons.py) and the relative hidden
+    change at those positions is measured at the first and the last block of that tower ("first
+    block", "last block"), and for a generative model the answer's log-prob drop ("answer").
+    Returns (neurons, {name: Deactivation}, scores)."""
+    if where not in ("background", "image"):
+        raise InputError(f"unknown position set {where!r}; valid: 'background', 'image'")
     exs = truth.examples(seed, n)
     by_domain = {d: [replace(e, scene=replace(e.scene, domain=d)) for e in exs] for d in DOMAINS}
     inputs = {d: truth.inputs_for(vlm, ex) for d, ex in by_domain.items()}
-    answers = {d: truth.answer_ids(vlm, ex) for d, ex in by_domain.items()}
-    dn = domain_neurons(vlm, inputs, sites, positions="image", top_fraction=top_fraction)
+    stream = vlm.site(vlm.sites(sites)[0]).stream
+    x0 = inputs[DOMAINS[0]]
+    positions = (background_mask(vlm, x0, [e.scene for e in exs], stream) if where == "background"
+                 else vlm.select(x0, "image", stream=stream))  # the same scenes on every domain: one mask
+    dn = domain_neurons(vlm, inputs, sites, positions=positions, top_fraction=top_fraction, quantile=quantile)
     sets = {d: dn.neurons_for(d) for d in DOMAINS}
-
-    image_change = hidden_change()
-
-    def hidden(vlm_, group, x, ivs):
-        return image_change(vlm_, "image", x, ivs)
-
-    effects = {"answer": deactivate(vlm, inputs, sets, _answer_logprob_drop(answers), "answer log-prob drop"),
-               "hidden": deactivate(vlm, inputs, sets, hidden, "relative hidden change at image tokens")}
-    scores: dict[str, float] = {"domain-specific neurons": len(dn.selected_neuron)}
-    for d in DOMAINS:
+    part = stream.split(".")[0]
+    what = f"relative hidden change at {where} patches"
+    ref = dn.reference(how)
+    effects = {f"{name} block": deactivate(vlm, inputs, sets, hidden_change(f"{part}.blocks.{i}.resid_post", positions),
+                                          f"{what}, {part} block {i}", how, ref)
+               for name, i in (("first", 0), ("last", vlm.n_layers(part) - 1))}
+    if not vlm.adapter.dual_encoder:
+        answers = {d: truth.answer_ids(vlm, ex) for d, ex in by_domain.items()}
+        effects["answer"] = deactivate(vlm, inputs, sets, _answer_logprob_drop(answers), "answer log-prob drop",
+                                       how, ref)
+    finite = dn.entropy[dn.entropy.isfinite()]
+    scores: dict[str, float] = {"domain-specific neurons": len(dn.selected_neuron),
+                                "lowest domain entropy (uniform: ln 3 = 1.10)": float(finite.min())}
+    for i, d in enumerate(DOMAINS):
         scores[f"{d} neurons"] = sum(len(v) for v in sets[d].values())
-        for what, eff in effects.items():
-            scores[f"{d}: own/other {what} hit"] = eff.selectivity.get(d, float("nan"))
+        mine = dn.selected_domain == i
+        p = dn.prob[dn.selected_site[mine], dn.selected_neuron[mine]].mean(0)  # (domain,) firing probability
+        for j, other in enumerate(DOMAINS):
+            scores[f"{d} neurons: firing probability on {other}"] = float(p[j])
+        for name, eff in effects.items():
+            hit = eff.hit[eff.targets.index(d)]
+            scores[f"{d} neurons: own {name} hit"] = float(hit[i])
+            scores[f"{d} neurons: other {name} hit"] = float(hit[torch.arange(len(DOMAINS)) != i].mean())
+            scores[f"{d} neurons: own/other {name} hit"] = eff.selectivity[d]
     return dn, effects, scores
+
+
+def zoo_modality_neurons(vlm, n: int = 60, seed: int = 0, top_fraction: float = 0.01,
+                         sites: str = "lm.blocks.*.mlp.post") -> tuple[ModalityNeurons, dict, dict[str, float]]:
+    """MINER's image- and text-specific LM neurons on n zoo questions, each set zero-ablated and the
+    relative hidden change at image and at text positions measured at the LM's first block (where
+    MINER finds them) and its last (after image information has flowed into the text tokens).
+    Returns (neurons, {"first block": Deactivation, "last block": Deactivation}, scores)."""
+    x = truth.inputs_for(vlm, truth.examples(seed, n))
+    res = modality_neurons(vlm, x, sites, top_fraction=top_fraction)
+    last = vlm.n_layers("lm") - 1
+    effects = {f"{name} block": modality_deactivation(vlm, x, res, f"lm.blocks.{i}.resid_post")
+               for name, i in (("first", 0), ("last", last))}
+    scores: dict[str, float] = {"modality-specific neurons per modality": len(res.image_neurons)}
+    for m, neurons in (("image", res.image_neurons), ("text", res.text_neurons)):
+        scores[f"{m} neurons in the first block"] = float((neurons[:, 0] == 0).float().mean())
+        for name, eff in effects.items():
+            scores[f"{m} neurons: own/other hit, {name}"] = eff.selectivity[m]
+    return res, effects, scores
