@@ -34,6 +34,9 @@ def test_example_files_parse():
     assert [m.kind for m in exp.methods] == ["lens", "knockout", "patch"]
     exp = load_experiment(EXAMPLES / "where-is-position-lost.toml")
     assert exp.data is None and exp.methods[0].options == {"attribute": "cell", "n": 300}
+    exp = load_experiment(EXAMPLES / "across-models.toml")
+    assert [m.name for m in exp.methods] == ["accuracy", "scene-colour", "scene-shape", "knockout"]
+    assert [m.traces for m in exp.methods] == [False, True, True, False]
 
 
 @pytest.mark.skipif("shapes-llava" not in zoo.names(), reason="shapes-llava not exported")
