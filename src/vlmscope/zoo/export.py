@@ -78,12 +78,33 @@ def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME
 
         card = generative_card(model, training, config, acc, seed, n, **common, name=name,
                                parts=RECIPES[name].parts)
+        card["findings"] = scene_findings(model, final, seed)
     card["recipe"]["note"] = note
     write_json_atomic(card, dest / "card.json")  # size first measured without the card files
     card["size_mb"] = round(sum(p.stat().st_size for p in dest.rglob("*") if p.is_file()) / 2**20, 2)
     write_json_atomic(card, dest / "card.json")
     (dest / "card.md").write_text((render_clip_card_md if clip else render_card_md)(card))
     return dest
+
+
+def scene_findings(model, folder: Path, seed: int, n: int = 600) -> list[str]:
+    """The card's evidence of what survives each part: the scene probe (what is at each cell, read
+    from all of a part's image tokens) for colour, shape and object presence at the end of the tower,
+    the connector and the LM."""
+    import transformers
+
+    from vlmscope.experiments.scene_probe import scene_trace
+    from vlmscope.model.load import load
+
+    vlm = load(model, transformers.AutoProcessor.from_pretrained(folder, local_files_only=True))
+    lines = []
+    for attribute in ("colour", "shape", "object"):
+        trace, _ = scene_trace(vlm, attribute, n=n, seed=seed)
+        ends = [max(i for i, p in enumerate(trace.parts) if p == part) for part in ("vision", "connector", "lm")]
+        lines.append(f"Scene probe, {attribute} at each cell ({n} scenes, seed {seed}): "
+                     + ", ".join(f"{trace.sites[i]} {float(trace.score[i]):.2f}" for i in ends)
+                     + f"; largest fall after {trace.drop_after} ({trace.drop:.2f}).")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
