@@ -81,6 +81,13 @@ def _statements(records: list[dict], models: list[str], threshold: float) -> lis
             if len(vals) >= 2 and max(vals.values()) - min(vals.values()) >= threshold:
                 hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)
                 out.append(f"{metric} at the {part}: {hi} {vals[hi]:.2f} vs {lo} {vals[lo]:.2f}")
+    # behaviour: task accuracy per family and accuracy under knockout (scores without a part)
+    scores = sorted({r["metric"] for r in records if not r["part"] and r["metric"].startswith("accuracy")})
+    for metric in scores:
+        vals = {r["model"]: r["value"] for r in records if r["metric"] == metric and not r["part"]}
+        if len(vals) >= 2 and max(vals.values()) - min(vals.values()) >= threshold:
+            hi, lo = max(vals, key=vals.get), min(vals, key=vals.get)
+            out.append(f"{metric}: {hi} {vals[hi]:.2f} vs {lo} {vals[lo]:.2f}")
     return out
 
 
