@@ -110,6 +110,15 @@ def test_integrated_gradients_and_graddrop_on_other_families(family):
     torch.testing.assert_close(star.raw[:, -1], atp.raw[:, -1], equal_nan=True)  # the last layer keeps AtP
 
 
+def test_index_positions_beyond_the_vision_stream_are_fine(setup):
+    _, m, clean, corrupt = setup  # LM positions past the vision stream's length: only LM groups are built
+    late = [clean["input_ids"].shape[1] - 2, clean["input_ids"].shape[1] - 1]
+    assert late[0] >= m.positions(clean)["vision"].shape[1]
+    exact = patch_sweep(m, clean, corrupt, METRIC, sites="lm.blocks.*.resid_post", positions=late)
+    approx = attribution_patching(m, clean, corrupt, METRIC, sites="lm.blocks.*.resid_post", positions=late)
+    assert approx.groups == exact.groups and approx.effect.shape == exact.effect.shape
+
+
 def test_unknown_method_is_refused(setup):
     _, m, clean, corrupt = setup
     with pytest.raises(vs.InputError, match="'atp', 'atp\\*', 'ig'"):

@@ -61,7 +61,7 @@ def attribution_patching(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, An
     m_base = metric(last_logits(vlm, base_out, base_in)).float().detach().cpu()
     m_src = metric(last_logits(vlm, src_out, src_in)).float().detach().cpu()
     m_clean, m_corrupt = (m_src, m_base) if direction == "denoise" else (m_base, m_src)
-    grid = _Grid(vlm, base_in, positions)
+    grid = _Grid(vlm, base_in, positions, {vlm.site(s).stream for s in names})
     if ig:
         grads = star.integrated_grads(vlm, base_in, names, base_ivs, total, base, src, steps, batch_size)
         delta = grid.estimates(comps, base, src, grads)
@@ -85,13 +85,14 @@ def attribution_patching(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, An
 class _Grid:
     """The component x position-group grid of one base run, and first-order estimates over it."""
 
-    def __init__(self, vlm, inputs, positions):
+    def __init__(self, vlm, inputs, positions, streams: set[str]):
         self.vlm = vlm
-        streams = vlm.positions(inputs)
         self.labels: list[str] = []
         self.rowcol: dict[str, tuple[int, int]] = {}
         self.masks: dict[str, list[tuple[int, torch.Tensor]]] = {}  # stream -> (group index, (batch, pos) mask)
-        for stream, pos in streams.items():
+        for stream, pos in vlm.positions(inputs).items():
+            if stream not in streams:  # only the streams of the swept sites (indices refer to one stream)
+                continue
             for g in position_groups(pos, positions):
                 if g.label not in self.rowcol:
                     self.labels.append(g.label)
