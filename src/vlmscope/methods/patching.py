@@ -309,10 +309,15 @@ class _SuffixRunner:
         p = min(p, int(self.last.min()))
         layer = min(self.vlm.site(j[2]).layer or 0 for j in chunk)
         n, rows = len(chunk), len(self.last)
-        ivs = [patch(site, {site: source[site][:, p:]}, positions=_job_mask(mask[:, p:], n, j),
-                     heads=None if head is None else [head])
-               for j, (_, _, site, head, mask) in enumerate(chunk)]
-        return metric(self._logits(p, n, ivs, layer)).float().cpu().view(n, rows)
+        # a residual-output patch at block l is an input patch at block l + 1: block l need not rerun
+        shift = self.skip_layers and layer + 1 < self.n_layers and all(
+            j[2] == f"lm.blocks.{self.vlm.site(j[2]).layer}.resid_post" for j in chunk)
+        ivs = []
+        for j, (_, _, site, head, mask) in enumerate(chunk):
+            target = f"lm.blocks.{self.vlm.site(site).layer + 1}.resid_pre" if shift else site
+            ivs.append(patch(target, {target: source[site][:, p:]}, positions=_job_mask(mask[:, p:], n, j),
+                             heads=None if head is None else [head]))
+        return metric(self._logits(p, n, ivs, layer + shift)).float().cpu().view(n, rows)
 
 
 def _site_of(iv) -> str | None:
