@@ -65,3 +65,18 @@ def test_micro_macro_statements_tie_accuracy_gaps_to_decodability_gaps(tmp_path)
     back = Result.load(r.save(tmp_path / "mm"))
     assert back.statements == r.statements and torch.equal(back.decodability, dec)
     assert r.plot() is not None
+
+
+def test_study_report_has_the_section_and_no_scorecard(tmp_path):
+    from vlmscope.report.html import write_study
+
+    fams = ("colour", "where")
+    r = MicroMacro(models=("a", "b"), families=fams, accuracy=torch.tensor([[1.0, 0.9], [1.0, 0.4]]),
+                   concepts=("colour", "shape", "object"), parts=("vision", "connector", "lm"),
+                   decodability=torch.rand(2, 3, 3), statements=("where: a 0.90 vs b 0.40 -- consistent",))
+    r.save(tmp_path / "micro-macro")
+    r.plot().savefig(tmp_path / "micro-macro" / "figure.png")
+    page = write_study(tmp_path, "a vs b", [{"key": "micro-macro", "title": "Micro to macro",
+                                             "reading": " ".join(r.statements)}]).read_text()
+    assert "Micro to macro" in page and "where: a 0.90 vs b 0.40" in page and "data:image/png;base64" in page
+    assert "Ground-truth scorecard" not in page
