@@ -30,12 +30,8 @@ SITES = ["lm.blocks.*.resid_post", "lm.blocks.*.attn.out", "lm.blocks.*.mlp.out"
 
 
 def pairs_of(vlm, kind: str, n: int, seed: int):
-    pairs = truth.counterfactual_pairs(seed, n, kind)
-    clean = truth.inputs_for(vlm, [p.clean for p in pairs])
-    corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
-    metric = logit_diff(truth.answer_ids(vlm, [p.clean for p in pairs]),
-                        truth.answer_ids(vlm, [p.corrupt for p in pairs]))
-    return clean, corrupt, metric
+    clean, corrupt, good, bad = truth.pair_inputs(vlm, seed, n, kind)
+    return clean, corrupt, logit_diff(good, bad)
 
 
 def best_time(repeats: int, fn, *args, **kwargs):

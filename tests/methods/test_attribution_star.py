@@ -10,20 +10,10 @@ import vlmscope as vs
 from vlmscope import testing as T
 from vlmscope.methods.attribution import attribution_patching
 from vlmscope.methods.attribution_star import key_effects, query_effects
-from vlmscope.methods.corruptions import replace_tokens
 from vlmscope.methods.metrics import last_logits, logit_diff
 from vlmscope.methods.patching import patch_sweep
 
 METRIC = logit_diff(5, 9)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = T.tiny_llava()
-    m = vs.load(model)
-    clean = T.llava_inputs(model, batch=2, seed=0)
-    corrupt = replace_tokens(clean, -2, [7, 8])  # STR on the second-to-last token
-    return model, m, clean, corrupt
 
 
 def test_integrated_gradients_are_exact_when_the_metric_is_linear_in_the_site(setup):

@@ -9,7 +9,7 @@ import vlmscope as vs
 from vlmscope import testing as T
 from vlmscope.methods.ablation import ablation_effects
 from vlmscope.methods.attribution import attribution_patching, compare
-from vlmscope.methods.corruptions import check_same_layout, gaussian_noise, replace_tokens
+from vlmscope.methods.corruptions import check_same_layout, gaussian_noise
 from vlmscope.methods.knockout import knockout_sweep
 from vlmscope.methods.metrics import answer_prob, logit_diff
 from vlmscope.methods.patching import patch_sweep
@@ -17,15 +17,6 @@ from vlmscope.methods.path_patching import path_patch
 from vlmscope.results import Result
 
 METRIC = logit_diff(5, 9)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = T.tiny_llava()
-    m = vs.load(model)
-    clean = T.llava_inputs(model, batch=2, seed=0)
-    corrupt = replace_tokens(clean, -2, [7, 8])  # STR on the second-to-last token
-    return model, m, clean, corrupt
 
 
 def _last(out):

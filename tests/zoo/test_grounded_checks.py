@@ -54,12 +54,8 @@ def test_image_flow_has_a_window_whose_knockout_drops_accuracy_to_chance(vlm):
 
 def _pairs(vlm, seed: int, n: int, kind: str):
     """Clean and corrupt inputs of n counterfactual pairs, and the clean-vs-corrupt answer logit difference."""
-    pairs = truth.counterfactual_pairs(seed, n, kind)
-    clean = truth.inputs_for(vlm, [p.clean for p in pairs])
-    corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
-    metric = logit_diff(truth.answer_ids(vlm, [p.clean for p in pairs]),
-                        truth.answer_ids(vlm, [p.corrupt for p in pairs]))
-    return clean, corrupt, metric
+    clean, corrupt, good, bad = truth.pair_inputs(vlm, seed, n, kind)
+    return clean, corrupt, logit_diff(good, bad)
 
 
 def test_attribution_patching_tracks_exact_patching_on_the_zoo(vlm):

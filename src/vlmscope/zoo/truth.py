@@ -81,3 +81,11 @@ def counterfactual_pairs(seed: int, n: int, kind: str = "sip", families: Sequenc
         if pair is not None:
             out.append(pair)
     return out
+
+
+def pair_inputs(vlm, seed: int, n: int, kind: str = "sip"):
+    """Model inputs of n counterfactual pairs (clean, corrupt) and their answer ids (clean, corrupt)."""
+    pairs = counterfactual_pairs(seed, n, kind)
+    clean = inputs_for(vlm, [p.clean for p in pairs])
+    corrupt = inputs_for(vlm, [p.corrupt for p in pairs])
+    return clean, corrupt, answer_ids(vlm, [p.clean for p in pairs]), answer_ids(vlm, [p.corrupt for p in pairs])
