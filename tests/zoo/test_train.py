@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from vlmscope.zoo.checkpoint import compose_snapshot, read_index
-from vlmscope.zoo.train import Stage, TrainConfig, lr_at, train
+from vlmscope.zoo.recipes import Stage, TrainConfig, lr_at
+from vlmscope.zoo.train import train
 
 TINY = TrainConfig(
     stages=(

@@ -74,7 +74,7 @@ def export(run: Path, seed: int, n: int, max_instruct: int = 5, name: str = NAME
     if clip:
         card = shapes_clip_card(model, training, config, acc, seed, n, **common)
     else:
-        from vlmscope.zoo.train import RECIPES
+        from vlmscope.zoo.recipes import RECIPES
 
         card = generative_card(model, training, config, acc, seed, n, **common, name=name,
                                parts=RECIPES[name].parts)

@@ -11,11 +11,10 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration
 
 from vlmscope.data.batches import PATCH_HEADS, PatchBatch
 from vlmscope.data.scene import CELL, IMAGE_SIZE
-from vlmscope.data.tokenizer import N_IMAGE_TOKENS, Layout, vocabulary
+from vlmscope.data.tokenizer import N_IMAGE_TOKENS, vocabulary
 
 NAME = "shapes-blip2"
 N_QUERIES = 12
-LAYOUT = Layout(N_QUERIES, image_first=True)
 PARTS: dict[str, tuple[str, ...]] = {
     "vision": ("vision_model.",),
     "qformer": ("qformer.", "query_tokens"),

@@ -11,80 +11,31 @@ run resumed from its directory ends with the same weights as an uninterrupted on
     python -m vlmscope.zoo.train shapes-llava --out runs/shapes-llava [--seed 0] [--steps N]
     python -m vlmscope.zoo.train shapes-blip2 --out runs/shapes-blip2
 
-(`shapes-clip` is trained by train_clip.py with the same state and snapshot machinery.)
+The recipes (stages, schedules, what each model pre-trains on) are in recipes.py; `shapes-clip` is
+trained by train_clip.py with the same state and snapshot machinery.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from vlmscope.data.batches import family_weights, patch_batch, qa_batch
+from vlmscope.data.batches import family_weights, qa_batch
 from vlmscope.data.sampling import standard_examples
-from vlmscope.data.tokenizer import LLAVA_LAYOUT, Layout, build_blip2_processor, build_processor
+from vlmscope.data.tokenizer import layout_of
 from vlmscope.zoo import checkpoint as ck
-from vlmscope.zoo import shapes_blip2, shapes_llava, shapes_llava_contrastive
 from vlmscope.zoo.evaluate import accuracy
+from vlmscope.zoo.recipes import RECIPES, Recipe, Stage, TrainConfig, lr_at
 
 STATE = "state.safetensors"
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One training stage: which parts train, for how long, and where fp16 snapshots are kept."""
-
-    name: str
-    parts: tuple[str, ...]
-    steps: int
-    batch_size: int
-    lr: float
-    warmup: int
-    floor: float = 0.0  # final lr as a fraction of the peak (cosine)
-    snapshots: tuple[int, ...] = ()  # steps within the stage; the stage's last step is always kept
-    # (at, total): from step `at` on, the cosine is re-planned to end at `total` steps instead of
-    # `steps` (the shipped model's schedule: its relation questions needed the learning rate back up)
-    replan: tuple[int, int] | None = None
-
-    @property
-    def total(self) -> int:
-        """Steps the stage runs (unless early stopping ends it first)."""
-        return self.replan[1] if self.replan else self.steps
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The shapes-llava recipe (zoo pilot 3, run E2). Defaults reproduce the shipped model."""
-
-    seed: int = 0
-    stages: tuple[Stage, ...] = (
-        Stage("vision", ("vision",), 500, 64, 2e-3, 50, snapshots=(100,)),
-        Stage("align", ("projector",), 300, 32, 1e-3, 30),
-        Stage("instruct", ("projector", "lm"), 18_000, 32, 1e-3, 200, floor=0.02,
-              snapshots=(1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12000, 14000, 16000),
-              replan=(17_000, 32_000)),
-    )
-    hard_fraction: float = 0.75  # share of the binding curriculum in instruction batches ...
-    hard_ramp: int = 3000  # ... reached linearly over these first steps (from 0: the easy scenes teach
-    # the model to read the image at all; with 75% curriculum from step 0 it stalled at chance for 2k steps)
-    eval_every: int = 1000
-    eval_n: int = 600
-    val_seed: int = 1_000_003
-    stop_at: float = 0.97  # stop instruction tuning once every family reaches this on validation
-    save_every: int = 250
-    betas: tuple[float, float] = (0.9, 0.98)
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
 
 
 @dataclass
@@ -100,87 +51,8 @@ class Progress:
     done: bool = False
 
 
-def lr_at(stage: Stage, step: int) -> float:
-    """Linear warm-up, then cosine from the peak down to floor * peak at the stage's last step."""
-    if step < stage.warmup:
-        return stage.lr * (step + 1) / stage.warmup
-    horizon = stage.steps if stage.replan is None or step < stage.replan[0] else stage.replan[1]
-    t = (step - stage.warmup) / max(1, horizon - stage.warmup)
-    return stage.lr * (stage.floor + (1 - stage.floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 def global_step(cfg: TrainConfig, stage: int, step: int) -> int:
     return sum(s.total for s in cfg.stages[:stage]) + step
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What differs between the zoo's generative VLMs: the model, the heads and losses of its
-    pre-training stages (on per-patch labels), its parameter groups, its prompt layout, its processor."""
-
-    name: str
-    build_model: Callable[[int], torch.nn.Module]
-    build_heads: Callable[[int], torch.nn.ModuleDict]
-    pretrain_loss: Callable[..., torch.Tensor]  # (model, heads, stage name, PatchBatch) -> loss
-    pretrain_stages: tuple[str, ...]  # the stages trained on per-patch labels; the rest answer questions
-    parts: dict[str, tuple[str, ...]]  # part -> state-dict prefixes
-    layout: Layout
-    build_processor: Callable[[], Any]
-    config: TrainConfig
-    pretrain_batch: Callable[[np.random.Generator, int], Any] = patch_batch  # (rng, batch size) -> batch
-
-    def part_keys(self, model: torch.nn.Module, parts: tuple[str, ...]) -> list[str]:
-        """State-dict keys of the named parts."""
-        prefixes = tuple(p for part in parts for p in self.parts[part])
-        return [k for k in model.state_dict() if k.startswith(prefixes)]
-
-    def part_parameters(self, model: torch.nn.Module, parts: tuple[str, ...]) -> list[torch.nn.Parameter]:
-        """Parameters of the named parts, in a fixed order."""
-        prefixes = tuple(p for part in parts for p in self.parts[part])
-        return [p for k, p in model.named_parameters() if k.startswith(prefixes)]
-
-
-# shapes-blip2 in BLIP-2's stages (Li et al., 2023): the tower (per-patch heads, as shapes-llava's),
-# the Q-Former's representation learning against the frozen tower, then generative training: the
-# projection alone, then projection + LM with the Q-Former frozen (BLIP-2 freezes its LLM instead;
-# this LM starts from scratch). A first run that also trained the Q-Former from the first
-# instruction step scrambled the layout it had learned (what is at each cell, read from the queries:
-# 0.96 -> 0.74 after 7,000 steps) and stalled ("where" 0.37), so the Q-Former stays frozen.
-BLIP2_CONFIG = TrainConfig(stages=(
-    Stage("vision", ("vision",), 500, 64, 2e-3, 50, snapshots=(100,)),
-    Stage("qformer", ("qformer",), 600, 64, 1e-3, 50, snapshots=(200,)),
-    Stage("align", ("projector",), 300, 32, 1e-3, 30),
-    Stage("instruct", ("projector", "lm"), 18_000, 32, 1e-3, 200, floor=0.02,
-          snapshots=(1000, 2000, 3000, 4000, 6000, 8000, 10000, 12000, 14000, 16000, 20000, 24000),
-          replan=(6000, 26_000)),  # re-planned at step 6,000 (relation lagged as in shapes-llava)
-    # a second instruction stage (fresh AdamW, lower peak): the first ended with every family at
-    # >= 0.98 on validation but count at 0.90 (0.94 held-out)
-    Stage("instruct", ("projector", "lm"), 8000, 32, 3e-4, 100, floor=0.05, snapshots=(4000,)),
-))
-
-# shapes-llava-contrastive: shapes-llava's recipe with the tower pre-trained against captions (longer:
-# a contrastive tower needs more steps than per-patch heads), instruction tuning capped at 7,000 steps
-# so that it meets shapes-llava's checkpoint of the same instruction step
-CONTRASTIVE_CONFIG = TrainConfig(stages=(
-    Stage("vision", ("vision",), 3000, 64, 2e-3, 200, floor=0.02, snapshots=(500, 1500)),
-    Stage("align", ("projector",), 300, 32, 1e-3, 30),
-    Stage("instruct", ("projector", "lm"), 7000, 32, 1e-3, 200, floor=0.02,
-          snapshots=(1000, 2000, 3000, 4000, 5000, 6000)),
-))
-
-RECIPES: dict[str, Recipe] = {
-    shapes_llava.NAME: Recipe(
-        shapes_llava.NAME, shapes_llava.build_model, shapes_llava.build_patch_heads, shapes_llava.pretrain_loss,
-        ("vision",), shapes_llava.PARTS, LLAVA_LAYOUT, build_processor, TrainConfig()),
-    shapes_blip2.NAME: Recipe(
-        shapes_blip2.NAME, shapes_blip2.build_model, shapes_blip2.build_heads, shapes_blip2.pretrain_loss,
-        ("vision", "qformer"), shapes_blip2.PARTS, shapes_blip2.LAYOUT,
-        lambda: build_blip2_processor(shapes_blip2.N_QUERIES), BLIP2_CONFIG),
-    shapes_llava_contrastive.NAME: Recipe(
-        shapes_llava_contrastive.NAME, shapes_llava.build_model, shapes_llava_contrastive.build_heads,
-        shapes_llava_contrastive.pretrain_loss, ("vision",), shapes_llava.PARTS, LLAVA_LAYOUT, build_processor,
-        CONTRASTIVE_CONFIG, shapes_llava_contrastive.pretrain_batch),
-}
 
 
 def _loss(recipe: Recipe, model, heads, stage: Stage, step: int, rng: np.random.Generator,
@@ -188,7 +60,7 @@ def _loss(recipe: Recipe, model, heads, stage: Stage, step: int, rng: np.random.
     if stage.name in recipe.pretrain_stages:
         return recipe.pretrain_loss(model, heads, stage.name, recipe.pretrain_batch(rng, stage.batch_size))
     hard = cfg.hard_fraction * min(1.0, step / cfg.hard_ramp) if cfg.hard_ramp else cfg.hard_fraction
-    b = qa_batch(rng, stage.batch_size, weights, hard, layout=recipe.layout)
+    b = qa_batch(rng, stage.batch_size, weights, hard, layout=layout_of(model))
     x = b.inputs
     logits = model(input_ids=x.input_ids, attention_mask=x.attention_mask, pixel_values=x.pixel_values).logits
     return torch.nn.functional.cross_entropy(logits[torch.arange(len(b.answers)), x.last], b.answers)

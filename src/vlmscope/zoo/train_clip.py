@@ -20,6 +20,7 @@ from tqdm import tqdm
 from transformers import CLIPModel
 
 from vlmscope.zoo import checkpoint as ck
+from vlmscope.zoo.recipes import Stage, lr_at
 from vlmscope.zoo.shapes_clip import (
     NAME,
     PARTS,
@@ -29,7 +30,7 @@ from vlmscope.zoo.shapes_clip import (
     contrastive_loss,
     evaluate,
 )
-from vlmscope.zoo.train import Progress, Stage, lr_at
+from vlmscope.zoo.train import Progress
 
 STATE = "state.safetensors"
 
