@@ -188,7 +188,7 @@ def over_training(name: str | Sequence[str | Path], experiment: Experiment, step
             result, scores = run_method(vlm, spec, experiment.seed)
             if spec.traces:
                 label = ("scene " if spec.kind == "scene" else "") + spec.options["attribute"]
-                last_vision = [x for x in result.sites if x.startswith("vision.")][-1]
+                last_vision = result.sites[result.last_of("vision")]
                 for site, score in zip(result.sites, result.score.tolist()):
                     if site == last_vision:
                         row[f"{label} decodable, last vision block"] = score

@@ -28,10 +28,10 @@ def where_is_it_lost(vlm, attribute: str = "colour", n: int = 300, seed: int = 0
     scenes = [e.scene for e in exs]
     pos = vlm.positions(x)
     # streams with one token per patch; a resampler's queries (BLIP-2) have none: see scene_probe
-    streams = [s for s in ("vision", "connector", "lm") if s in pos and bool((pos[s].row >= 0).any())]
+    streams = [s for s in ("vision", "connector", "lm") if s in pos and pos[s].has_patches]
     labels = {s: truth.patch_labels(vlm, x, scenes, attribute, stream=s) for s in streams}
     trace = trace_concept(vlm, x, labels, target=attribute)
-    last_vision = [s for s in trace.sites if s.startswith("vision.")][-1]
+    last_vision = trace.sites[trace.last_of("vision")]
     background = len(truth.ATTRIBUTES[attribute])  # an extra class: "no object here"
     grid, probes = patch_probe_grid(vlm, x, truth.patch_labels(vlm, x, scenes, attribute, stream="vision",
                                                              background=background), last_vision)
@@ -84,7 +84,7 @@ def lens_word_accuracy(vlm, n: int = 60, seed: int = 0, k: int = 1) -> tuple[Len
     colour_ids = tok.convert_tokens_to_ids(list(COLOURS))
     shape_ids = tok.convert_tokens_to_ids(list(SHAPES))
     pos = vlm.positions(x)["lm"]
-    if not bool((pos.row >= 0).any()):  # no LM token belongs to a patch (BLIP-2's queries): no check
+    if not pos.has_patches:  # no LM token belongs to a patch (BLIP-2's queries): no check
         nan = [float("nan")] * len(res.layers)
         return res, {"object patch names its object": nan, "background patch names a scene object": nan}
     owner = truth.patch_labels(vlm, x, [e.scene for e in exs], "cell")  # object's cell at each patch
@@ -121,8 +121,7 @@ def sip_localisation(vlm, n_pairs: int = 8, seed: int = 0, sites: str | Sequence
     clean = truth.inputs_for(vlm, [p.clean for p in pairs])
     corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
     if sites is None:
-        lm_patches = bool((vlm.positions(clean)["lm"].row >= 0).any())
-        sites = "lm.blocks.*.resid_post" if lm_patches else "vision.blocks.*.resid_post"
+        sites = "lm.blocks.*.resid_post" if vlm.positions(clean)["lm"].has_patches else "vision.blocks.*.resid_post"
     good = truth.answer_ids(vlm, [p.clean for p in pairs])
     bad = truth.answer_ids(vlm, [p.corrupt for p in pairs])
     res = patch_sweep(vlm, clean, corrupt, logit_diff(good, bad), sites=sites, positions="patches")

@@ -57,8 +57,8 @@ class MicroMacro(Result):
 
 
 def _last_of(trace, part: str) -> float:
-    idx = [i for i, p in enumerate(trace.parts) if p == part]
-    return float(trace.score[idx[-1]]) if idx else float("nan")
+    i = trace.last_of(part)
+    return float("nan") if i is None else float(trace.score[i])
 
 
 def explain(models: Sequence[str], families: Sequence[str], accuracy: torch.Tensor, decodability: torch.Tensor,

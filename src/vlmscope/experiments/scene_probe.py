@@ -16,7 +16,7 @@ import torch
 
 from vlmscope.data import patch_objects
 from vlmscope.data.vocab import GRID
-from vlmscope.methods.probing import ConceptTrace, ProbeConfig, fit_probes
+from vlmscope.methods.probing import ConceptTrace, ProbeConfig, fit_probes, trace_sites
 from vlmscope.model.positions import IMAGE
 from vlmscope.zoo import truth
 
@@ -36,12 +36,6 @@ def cell_labels(scenes: Sequence, attribute: str) -> torch.Tensor:
             if k >= 0:
                 out[c, b] = 1 if attribute == "object" else truth.object_value(scene.objects[k], attribute)
     return out
-
-
-def default_sites(vlm) -> list[str]:
-    """Each block's residual output and the connector's output, in forward order."""
-    return [s for s in vlm.sites() if (s.endswith(".resid_post") or s == "connector.out")
-            and vlm.site(s).stream in ("vision", "connector", "lm")]
 
 
 def image_tokens(vlm, inputs, cache, site: str, n: int) -> torch.Tensor:
@@ -66,7 +60,7 @@ def scene_trace(vlm, attribute: str = "colour", n: int = 600, seed: int = 0, sit
     vision block, the connector, the last LM block, and the largest fall."""
     exs = truth.examples(seed, n)
     x = truth.inputs_for(vlm, exs)
-    sites = list(sites or default_sites(vlm))
+    sites = list(sites or trace_sites(vlm, ("vision", "connector", "lm")))
     labels = cell_labels([e.scene for e in exs], attribute)  # (cell, n)
     _, cache = vlm.run_with_cache(x, sites)
     cells = labels.shape[0]
@@ -76,17 +70,12 @@ def scene_trace(vlm, attribute: str = "colour", n: int = 600, seed: int = 0, sit
         r = fit_probes(feats.expand(cells, -1, -1), labels, config, target=f"{attribute} at each cell")
         score.append(float(r.score.mean()))
         control.append(float(r.control_score.mean()))
-    s = torch.tensor(score)
-    falls = s[:-1] - s[1:]
-    k = int(falls.argmax()) if len(falls) else 0
-    trace = ConceptTrace(target=f"{attribute} at each cell", sites=tuple(sites),
-                         parts=tuple(t.split(".")[0] for t in sites), score=s, control_score=torch.tensor(control),
-                         n_rows=torch.full((len(sites),), n), drop_after=sites[k],
-                         drop=float(falls[k]) if len(falls) else 0.0)
+    trace = ConceptTrace.of(f"{attribute} at each cell", sites, torch.tensor(score), torch.tensor(control),
+                            torch.full((len(sites),), n))
     scores: dict = {}
     for part in ("vision", "connector", "lm"):  # the last site of each part probed
-        last = [i for i, t in enumerate(sites) if t.startswith(part + ".")]
-        if last:
-            scores[f"scene {attribute} at {sites[last[-1]]}"] = score[last[-1]]
+        i = trace.last_of(part)
+        if i is not None:
+            scores[f"scene {attribute} at {sites[i]}"] = score[i]
     scores |= {f"largest drop in scene {attribute}": trace.drop, "drop after": trace.drop_after}
     return trace, scores

@@ -263,6 +263,27 @@ class ConceptTrace(Result):
     def lost(self, threshold: float = 0.1) -> bool:
         return self.drop >= threshold
 
+    @classmethod
+    def of(cls, target: str, sites: Sequence[str], score: torch.Tensor, control: torch.Tensor,
+           n_rows: torch.Tensor) -> ConceptTrace:
+        """A trace from per-site scores, with each site's part and the largest fall marked."""
+        falls = score[:-1] - score[1:]
+        k = int(falls.argmax()) if len(falls) else 0
+        return cls(target=target, sites=tuple(sites), parts=tuple(s.split(".")[0] for s in sites), score=score,
+                   control_score=control, n_rows=n_rows, drop_after=sites[k],
+                   drop=float(falls[k]) if len(falls) else 0.0)
+
+    def last_of(self, part: str) -> int | None:
+        """Index of the last site probed in `part` (vision / connector / lm), None if none was."""
+        idx = [i for i, p in enumerate(self.parts) if p == part]
+        return idx[-1] if idx else None
+
+
+def trace_sites(vlm, streams) -> list[str]:
+    """Each block's residual output and the connector's output, in forward order, in `streams`."""
+    return [s for s in vlm.sites() if (s.endswith(".resid_post") or s == "connector.out")
+            and vlm.site(s).stream in streams]
+
 
 def site_features(vlm, inputs: Mapping, sites: Sequence[str], labels: Mapping[str, torch.Tensor]
                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -290,8 +311,7 @@ def trace_concept(vlm, inputs: Mapping, labels: Mapping[str, torch.Tensor], site
     """Probe one concept at every site (default: each vision block, the connector output, each LM
     block's residual), in forward order, and mark the largest fall in decodability."""
     if sites is None:
-        sites = [s for s in vlm.sites() if s.endswith(".resid_post") or s == "connector.out"]
-        sites = [s for s in sites if vlm.site(s).stream in labels]
+        sites = trace_sites(vlm, labels)
     feats = site_features(vlm, inputs, sites, labels)
     scores, controls, rows = [], [], []
     groups: dict[tuple, list[str]] = {}
@@ -308,12 +328,7 @@ def trace_concept(vlm, inputs: Mapping, labels: Mapping[str, torch.Tensor], site
         scores.append(fitted[s][0])
         controls.append(fitted[s][1])
         rows.append(fitted[s][2])
-    score = torch.tensor(scores)
-    falls = score[:-1] - score[1:]
-    k = int(falls.argmax()) if len(falls) else 0
-    return ConceptTrace(target=target, sites=tuple(sites), parts=tuple(s.split(".")[0] for s in sites),
-                        score=score, control_score=torch.tensor(controls), n_rows=torch.tensor(rows),
-                        drop_after=sites[k], drop=float(falls[k]) if len(falls) else 0.0)
+    return ConceptTrace.of(target, sites, torch.tensor(scores), torch.tensor(controls), torch.tensor(rows))
 
 
 def patch_probe_grid(vlm, inputs: Mapping, labels: torch.Tensor, site: str,

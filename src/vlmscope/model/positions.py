@@ -80,6 +80,11 @@ class Positions:
     def valid(self) -> torch.Tensor:
         return self.role != PAD
 
+    @property
+    def has_patches(self) -> bool:
+        """Whether any position is an image patch (a resampler's queries, e.g. BLIP-2's, are not)."""
+        return bool((self.row >= 0).any())
+
     def last(self) -> torch.Tensor:
         """Index of each row's last non-pad position (right or left padding alike)."""
         t = self.role.shape[1]

@@ -100,7 +100,7 @@ def scene_findings(model, folder: Path, seed: int, n: int = 600) -> list[str]:
     lines = []
     for attribute in ("colour", "shape", "object"):
         trace, _ = scene_trace(vlm, attribute, n=n, seed=seed)
-        ends = [max(i for i, p in enumerate(trace.parts) if p == part) for part in ("vision", "connector", "lm")]
+        ends = [trace.last_of(part) for part in ("vision", "connector", "lm")]
         lines.append(f"Scene probe, {attribute} at each cell ({n} scenes, seed {seed}): "
                      + ", ".join(f"{trace.sites[i]} {float(trace.score[i]):.2f}" for i in ends)
                      + f"; largest fall after {trace.drop_after} ({trace.drop:.2f}).")
