@@ -140,17 +140,26 @@ def render_card_md(card: dict) -> str:
         f"{t['final_step']} steps in {t['seconds'] / 60:.1f} min on {t['hardware']} "
         f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in t['seconds_by_stage'].items())}).", "",
         f"## Accuracy ({card['accuracy']['n']} fresh examples, seed {card['accuracy']['seed']})", "",
-        "| " + " | ".join(acc) + " |", "|" + "---|" * len(acc),
-        "| " + " | ".join(f"{v:.3f}" for v in acc.values()) + " |",
+        *_table(list(acc), [[f"{v:.3f}" for v in acc.values()]]),
         "", f"Validation during training ({t['validation_n']} standard examples):", "",
-        "| step | " + " | ".join(FAMILIES) + " |", "|" + "---|" * (len(FAMILIES) + 1),
+        *_table(["step", *FAMILIES], [[h["step"], *(f"{h['accuracy'][f]:.2f}" for f in FAMILIES)]
+                                      for h in t["validation"]]),
+        *_tail(card),
     ]
-    for h in t["validation"]:
-        lines.append(f"| {h['step']} | " + " | ".join(f"{h['accuracy'][f]:.2f}" for f in FAMILIES) + " |")
-    lines += ["", "## Checkpoints", f"Steps {card['checkpoints']['steps']}: {card['checkpoints']['format']}.",
-              *(["", "## Findings", *[f"- {x}" for x in card["findings"]]] if card.get("findings") else []),
-              "", "## Known limits", *[f"- {x}" for x in card["known_limits"]], ""]
     return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(x) for x in row) + " |" for row in rows)]
+
+
+def _tail(card: dict) -> list[str]:
+    """Checkpoints, findings (if any) and known limits: the end of every card."""
+    return ["", "## Checkpoints", f"Steps {card['checkpoints']['steps']}: {card['checkpoints']['format']}.",
+            *(["", "## Findings", *[f"- {x}" for x in card["findings"]]] if card.get("findings") else []),
+            "", "## Known limits", *[f"- {x}" for x in card["known_limits"]], ""]
 
 
 def _connector_lines(a: dict) -> list[str]:
@@ -265,13 +274,9 @@ def render_clip_card_md(card: dict) -> str:
         "Zero-shot: one-object scenes, arg-max over \"a {colour} object\" / \"a {shape}\" prompts. Retrieval:"
         " 2-4-object scenes, top-1 within pools of 100 captions; hard_negative: the true caption beats a"
         " one-attribute swap.", "",
-        "| " + " | ".join(m) + " |", "|" + "---|" * len(m),
-        "| " + " | ".join(f"{val:.3f}" for val in m.values()) + " |",
+        *_table(list(m), [[f"{val:.3f}" for val in m.values()]]),
         "", f"Validation during training ({t['validation_n']} scenes):", "",
-        "| step | " + " | ".join(m) + " |", "|" + "---|" * (len(m) + 1),
+        *_table(["step", *m], [[h["step"], *(f"{h['accuracy'][k]:.3f}" for k in m)] for h in t["validation"]]),
+        *_tail(card),
     ]
-    for h in t["validation"]:
-        lines.append(f"| {h['step']} | " + " | ".join(f"{h['accuracy'][k]:.3f}" for k in m) + " |")
-    lines += ["", "## Checkpoints", f"Steps {card['checkpoints']['steps']}: {card['checkpoints']['format']}.",
-              "", "## Known limits", *[f"- {x}" for x in card["known_limits"]], ""]
     return "\n".join(lines)
