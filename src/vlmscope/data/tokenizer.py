@@ -116,10 +116,16 @@ def encode(images: list[np.ndarray], questions: list[str], vocab: dict[str, int]
     vocab = vocab or vocabulary()
     head = layout.head(vocab)
     rows = [head + [vocab.get(w, vocab["<unk>"]) for w in q.split()] for q in questions]
+    ids, mask = pad_right(rows, vocab["<pad>"])
+    return Encoded(ids, mask, pixel_values(images), mask.sum(1) - 1)
+
+
+def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows right-padded to the longest: ids and attention mask, (batch, pos) long."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), vocab["<pad>"], dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
-    return Encoded(ids, mask, pixel_values(images), mask.sum(1) - 1)
+    return ids, mask

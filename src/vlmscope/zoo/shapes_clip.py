@@ -37,7 +37,7 @@ from transformers import (
 from vlmscope.data.questions import caption
 from vlmscope.data.render import render
 from vlmscope.data.scene import CELL, IMAGE_SIZE, Scene, place, random_attrs
-from vlmscope.data.tokenizer import IMAGE_MEAN, IMAGE_STD, pixel_values, vocabulary
+from vlmscope.data.tokenizer import IMAGE_MEAN, IMAGE_STD, pad_right, pixel_values, vocabulary
 from vlmscope.data.vocab import COLOURS, GRID, POSITIONS, SHAPES, SIZES
 
 NAME = "shapes-clip"
@@ -95,13 +95,7 @@ def encode_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast equivalent of the processor's text path: ids and mask (batch, pos), right-padded."""
     vocab = clip_vocabulary()
     rows = [[vocab["<s>"], *(vocab.get(w, vocab["<unk>"]) for w in t.split()), vocab[EOT]] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), vocab["<pad>"], dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    return ids, mask
+    return pad_right(rows, vocab["<pad>"])
 
 
 # ---- texts with ground truth -------------------------------------------------------------------
