@@ -109,7 +109,7 @@ def test_full_size_plans_in_seconds(name):
 
 
 def plan_inputs(m):
-    from vlmscope.scale.inputs import example_inputs
+    from vlmscope.model.adapters.examples import example_inputs
 
     return example_inputs(m, 2, 336)
 

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 
 from vlmscope.errors import InputError
+from vlmscope.model.adapters.examples import example_inputs
 from vlmscope.results import Result
 from vlmscope.scale import jobs
-from vlmscope.scale.inputs import example_inputs
 from vlmscope.scale.measure import CATEGORIES, peak_memory
 from vlmscope.scale.shadow import ShadowMeta, meta_inputs
 

@@ -1,8 +1,9 @@
-"""Example inputs of a given batch and image size for any supported family, without a processor.
+"""Example inputs of a given batch and image size for any supported family, without a processor:
+per-family knowledge, so it lives with the adapters.
 
-The planner needs inputs with the token layout a processor would make (how many image tokens, how
-many tiles or patches), not real pixels: these builders lay the tokens out as each family's
-processor does (vlmscope.testing), with pixel tensors on the meta device.
+The memory planner (vlmscope.scale.plan) needs inputs with the token layout a processor would make
+(how many image tokens, how many tiles or patches), not real pixels: these builders lay the tokens
+out as each family's processor does (vlmscope.testing), with pixel tensors on the meta device.
 """
 
 from __future__ import annotations
