@@ -40,7 +40,7 @@ def _stage_probing(vlm, out: Path, seed: int, shared: dict) -> dict:
 
 def _stage_lens(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.data import render
-    from vlmscope.report.plots import patch_words
+    from vlmscope.report.plots import lens_kl, patch_words
     from vlmscope.zoo import truth
 
     result, acc = grounded.lens_word_accuracy(vlm, n=60, seed=seed)
@@ -60,16 +60,8 @@ def _stage_lens(vlm, out: Path, seed: int, shared: dict) -> dict:
     held = truth.inputs_for(vlm, truth.examples(seed + 200, 60))
     kl_logit = logit_lens(vlm, held).kl_to_final.mean(dim=(1, 2))
     kl_tuned = logit_lens(vlm, held, tuned=tuned).kl_to_final.mean(dim=(1, 2))
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(result.layers, kl_logit.numpy(), "o-", label="logit lens")
-    ax.plot(result.layers, kl_tuned.numpy(), "s-", label="tuned lens")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("KL(final || lens), nats")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(folder / "figure-tuned-kl.png", dpi=110)
+    lens_kl(result.layers, {"logit lens": kl_logit, "tuned lens": kl_tuned}).savefig(
+        folder / "figure-tuned-kl.png", dpi=110)
     scores = {"lens: object patch names its object (best layer)": acc["object patch names its object"][best],
               "tuned lens: mean KL to the final layer": float(kl_tuned[:-1].mean()),
               "logit lens: mean KL to the final layer": float(kl_logit[:-1].mean()),
@@ -88,11 +80,8 @@ def _stage_patching(vlm, out: Path, seed: int, shared: dict) -> dict:
     folder = out / "patching"
     result.save(folder)
     result.plot().savefig(folder / "figure-sweep.png", dpi=110)
-    pairs = truth.counterfactual_pairs(seed, 8, "sip")
-    clean = truth.inputs_for(vlm, [p.clean for p in pairs])
-    corrupt = truth.inputs_for(vlm, [p.corrupt for p in pairs])
-    metric = logit_diff(truth.answer_ids(vlm, [p.clean for p in pairs]),
-                        truth.answer_ids(vlm, [p.corrupt for p in pairs]))
+    clean, corrupt, good, bad = truth.pair_inputs(vlm, seed, 8, "sip")
+    metric = logit_diff(good, bad)
     atp = attribution_patching(vlm, clean, corrupt, metric, positions="patches")
     agree = compare(result, atp)
     atp.save(out / "atp")
@@ -112,7 +101,7 @@ def _stage_patching(vlm, out: Path, seed: int, shared: dict) -> dict:
 def _stage_sae(vlm, out: Path, seed: int, shared: dict) -> dict:
     import shutil
 
-    import matplotlib.pyplot as plt
+    from vlmscope.report.plots import side_by_side
 
     folder = out / "sae"
     shutil.rmtree(folder / "training", ignore_errors=True)  # the demo trains afresh each time
@@ -120,11 +109,7 @@ def _stage_sae(vlm, out: Path, seed: int, shared: dict) -> dict:
     shared["sae"] = (sae, scores["site"])  # handed to the explanation stage
     colour_f1.save(folder / "colour-f1")
     shape_f1.save(folder / "shape-f1")
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    colour_f1.plot(ax=axes[0])
-    shape_f1.plot(ax=axes[1])
-    fig.tight_layout()
-    fig.savefig(folder / "figure-concept-f1.png", dpi=110)
+    side_by_side(colour_f1, shape_f1).savefig(folder / "figure-concept-f1.png", dpi=110)
     _feature_grid(vlm, sae, scores["site"], folder, seed)
     saved = next((folder / "training").glob("*/cfg.json")).parent  # what `vlmscope serve --sae` reads
     _write_scores(folder, {**scores, "sae folder": str(saved)})

@@ -175,6 +175,27 @@ def comparison(r, ax=None):
     return fig
 
 
+def side_by_side(*results, size=(4, 3)):
+    """Each result's own plot, in one row of panels."""
+    fig, axes = plt.subplots(1, len(results), figsize=(size[0] * len(results), size[1]), squeeze=False)
+    for r, ax in zip(results, axes[0]):
+        r.plot(ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def lens_kl(layers, curves: dict, ax=None):
+    """KL(final || lens) per layer, one line per lens (e.g. logit vs tuned)."""
+    fig, ax = _axes(ax, (5, 3))
+    for (name, kl), style in zip(curves.items(), ("o-", "s-", "^-", "d-")):
+        ax.plot(list(layers), np.asarray(kl), style, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL(final || lens), nats")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def patch_words(image: np.ndarray | None, words: list[list[str]], probs=None, ax=None, title: str = ""):
     """Words drawn over the image's patch grid (the per-patch lens), shaded by probability."""
     rows, cols = len(words), len(words[0])
