@@ -8,35 +8,35 @@ from vlmscope.data.vocab import COLOURS, DOMAINS, FAMILIES, SHAPES, SIZES
 from vlmscope.zoo.shapes_llava import NAME, PARTS
 
 CARD_VERSION = 1
-KNOWN_LIMITS = [
-    "Trained and evaluated only on the synthetic shapes world (72-px images, 3x3 grid, 1-4 objects); it"
-    " knows nothing else, and questions outside the six templates are out of distribution.",
-    "Answers are single tokens read at the last prompt position; generation beyond one token is untrained.",
-    "The image must be 72 x 72 with one object per 24-px cell: the 9 image tokens are the 9 cells, so an"
-    " object straddling cells or a finer layout is out of distribution.",
+WORLD_ONLY = ("Trained and evaluated only on the synthetic shapes world (72-px images, 3x3 grid, 1-4 objects); it"
+              " knows nothing else, and questions outside the six templates are out of distribution.")
+ONE_TOKEN = "Answers are single tokens read at the last prompt position; generation beyond one token is untrained."
+ONE_CELL_PER_TOKEN = ("The image must be 72 x 72 with one object per 24-px cell: the 9 image tokens are the 9 cells,"
+                      " so an object straddling cells or a finer layout is out of distribution.")
+FP16_SNAPSHOTS = ("Intermediate checkpoints are fp16 and store only the parts their stage changed; the final"
+                  " weights are fp32.")
+KNOWN_LIMITS = [  # shapes-llava's
+    WORLD_ONLY, ONE_TOKEN, ONE_CELL_PER_TOKEN,
     "The vision tower is trained only with per-patch attribute heads (no captions, no contrastive loss).",
-    "Intermediate checkpoints are fp16 and store only the parts their stage changed; the final weights"
-    " are fp32.",
+    FP16_SNAPSHOTS,
 ]
-
-
-# what each generative zoo model adds to (or changes in) KNOWN_LIMITS
+# the other question-answering zoo models'
 LIMITS_BY_NAME = {
     "shapes-blip2": [
-        KNOWN_LIMITS[0], KNOWN_LIMITS[1],
+        WORLD_ONLY, ONE_TOKEN,
         "The image must be 72 x 72 with one object per 24-px cell: the tower's 9 patches are the 9 cells; the"
         " LM sees 12 query tokens, which no single cell owns.",
         "The Q-Former's representation learning uses the scene's ground truth (every cell's colour, shape and"
         " size read from all queries together) in place of BLIP-2's caption objectives (ITC, ITM, ITG); the"
         " Q-Former is then frozen and the LM trained from scratch (BLIP-2 freezes its pretrained LLM instead).",
-        KNOWN_LIMITS[4],
+        FP16_SNAPSHOTS,
     ],
     "shapes-llava-contrastive": [
-        *KNOWN_LIMITS[:3],
+        WORLD_ONLY, ONE_TOKEN, ONE_CELL_PER_TOKEN,
         "A variant of shapes-llava: the vision tower is pre-trained contrastively against shapes-clip's captions"
         " (pooled CLS, one-attribute hard negatives) instead of per-patch attribute heads; instruction tuning"
         " stops at 7,000 steps so that it can be compared with shapes-llava's checkpoint of that step.",
-        KNOWN_LIMITS[4],
+        FP16_SNAPSHOTS,
     ],
 }
 
