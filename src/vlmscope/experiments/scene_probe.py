@@ -38,14 +38,14 @@ def cell_labels(scenes: Sequence, attribute: str) -> torch.Tensor:
     return out
 
 
-def image_tokens(vlm, inputs, cache, site: str, n: int) -> torch.Tensor:
+def image_tokens(vlm, positions, cache, site: str, n: int) -> torch.Tensor:
     """(examples, tokens * d): a site's image tokens of each example, concatenated in order (the
     whole sequence for vision streams, whose rows are images)."""
     stream = vlm.site(site).stream
     act = cache[site].float().cpu()  # (rows, pos, d)
     if stream == "vision":
         return act.reshape(n, -1)
-    pos = vlm.positions(inputs)[stream]
+    pos = positions[stream]  # vlm.positions(inputs), computed once by the caller
     keep = pos.role == IMAGE  # (rows, pos)
     per_row = keep.sum(1)
     if not bool((per_row == per_row[0]).all()):
@@ -63,10 +63,10 @@ def scene_trace(vlm, attribute: str = "colour", n: int = 600, seed: int = 0, sit
     sites = list(sites or trace_sites(vlm, ("vision", "connector", "lm")))
     labels = cell_labels([e.scene for e in exs], attribute)  # (cell, n)
     _, cache = vlm.run_with_cache(x, sites)
-    cells = labels.shape[0]
+    cells, positions = labels.shape[0], vlm.positions(x)
     score, control = [], []
     for site in sites:
-        feats = image_tokens(vlm, x, cache, site, n)  # (n, tokens * d)
+        feats = image_tokens(vlm, positions, cache, site, n)  # (n, tokens * d)
         r = fit_probes(feats.expand(cells, -1, -1), labels, config, target=f"{attribute} at each cell")
         score.append(float(r.score.mean()))
         control.append(float(r.control_score.mean()))
