@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmscope.experiments.accuracy import task_accuracy
-from vlmscope.experiments.scene_probe import scene_trace
+from vlmscope.experiments.scene_probe import scene_traces
 from vlmscope.results import Result
 
 PARTS = ("vision", "connector", "lm")
@@ -103,7 +103,8 @@ def micro_to_macro(vlms: Sequence, names: Sequence[str], n: int = 600, seed: int
         acc, _ = task_accuracy(vlm, n=n, seed=seed, name=name)
         families = families or acc.families
         acc_rows.append(torch.tensor([acc[f] for f in families]))
-        traces = [scene_trace(vlm, c, n=n, seed=seed)[0] for c in concepts]
+        found = scene_traces(vlm, concepts, n=n, seed=seed)
+        traces = [found[c][0] for c in concepts]
         dec_rows.append(torch.tensor([[_last_of(t, p) for p in PARTS] for t in traces]))
     accuracy, decodability = torch.stack(acc_rows), torch.stack(dec_rows)
     statements = explain(names, families, accuracy, decodability, concepts, PARTS, margin)

@@ -58,16 +58,27 @@ def scene_trace(vlm, attribute: str = "colour", n: int = 600, seed: int = 0, sit
                 config: ProbeConfig | None = None) -> tuple[ConceptTrace, dict[str, float]]:
     """The scene probe at every site; score = mean test accuracy over the 9 cells. Scores: the last
     vision block, the connector, the last LM block, and the largest fall."""
+    return scene_traces(vlm, (attribute,), n, seed, sites, config)[attribute]
+
+
+def scene_traces(vlm, attributes: Sequence[str], n: int = 600, seed: int = 0, sites: Sequence[str] | None = None,
+                 config: ProbeConfig | None = None) -> dict[str, tuple[ConceptTrace, dict[str, float]]]:
+    """scene_trace for several attributes from one forward over the same scenes."""
     exs = truth.examples(seed, n)
     x = truth.inputs_for(vlm, exs)
     sites = list(sites or trace_sites(vlm, ("vision", "connector", "lm")))
-    labels = cell_labels([e.scene for e in exs], attribute)  # (cell, n)
+    labels = {a: cell_labels([e.scene for e in exs], a) for a in attributes}  # each (cell, n)
     _, cache = vlm.run_with_cache(x, sites)
-    cells, positions = labels.shape[0], vlm.positions(x)
+    positions = vlm.positions(x)
+    feats = {site: image_tokens(vlm, positions, cache, site, n) for site in sites}  # each (n, tokens * d)
+    return {a: _trace(a, sites, feats, labels[a], n, config) for a in attributes}
+
+
+def _trace(attribute: str, sites: list[str], feats: dict, labels: torch.Tensor, n: int, config
+           ) -> tuple[ConceptTrace, dict[str, float]]:
     score, control = [], []
     for site in sites:
-        feats = image_tokens(vlm, positions, cache, site, n)  # (n, tokens * d)
-        r = fit_probes(feats.expand(cells, -1, -1), labels, config, target=f"{attribute} at each cell")
+        r = fit_probes(feats[site].expand(labels.shape[0], -1, -1), labels, config, target=f"{attribute} at each cell")
         score.append(float(r.score.mean()))
         control.append(float(r.control_score.mean()))
     trace = ConceptTrace.of(f"{attribute} at each cell", sites, torch.tensor(score), torch.tensor(control),

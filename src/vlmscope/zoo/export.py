@@ -93,13 +93,12 @@ def scene_findings(model, folder: Path, seed: int, n: int = 600) -> list[str]:
     the connector and the LM."""
     import transformers
 
-    from vlmscope.experiments.scene_probe import scene_trace
+    from vlmscope.experiments.scene_probe import scene_traces
     from vlmscope.model.load import load
 
     vlm = load(model, transformers.AutoProcessor.from_pretrained(folder, local_files_only=True))
     lines = []
-    for attribute in ("colour", "shape", "object"):
-        trace, _ = scene_trace(vlm, attribute, n=n, seed=seed)
+    for attribute, (trace, _) in scene_traces(vlm, ("colour", "shape", "object"), n=n, seed=seed).items():
         ends = [trace.last_of(part) for part in ("vision", "connector", "lm")]
         lines.append(f"Scene probe, {attribute} at each cell ({n} scenes, seed {seed}): "
                      + ", ".join(f"{trace.sites[i]} {float(trace.score[i]):.2f}" for i in ends)
