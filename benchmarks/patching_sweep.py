@@ -41,13 +41,18 @@ def build(name: str):
     return vs.load(model)
 
 
-def inputs(m, name):
+def inputs(m, name, corruption="str"):
+    """STR: one question token replaced (every earlier position, the image included, is the same in
+    both runs). image: another image, same question (SIP on the zoo model; random pixels otherwise)."""
     if name in ("small", "mid"):
         clean = T.llava_inputs(m.model, batch=1, text_len=10)
+        if corruption == "image":
+            other = T.llava_inputs(m.model, batch=1, text_len=10, seed=1)
+            return clean, {**clean, "pixel_values": other["pixel_values"]}, GOOD, BAD
         return clean, replace_tokens(clean, -3, 7), GOOD, BAD
     from vlmscope.zoo import truth
 
-    pair = truth.counterfactual_pairs(0, 1, "str")[0]
+    pair = truth.counterfactual_pairs(0, 1, "sip" if corruption == "image" else "str")[0]
     clean, corrupt = truth.inputs_for(m, [pair.clean]), truth.inputs_for(m, [pair.corrupt])
     good, bad = truth.answer_ids(m, [pair.clean]), truth.answer_ids(m, [pair.corrupt])
     return clean, corrupt, int(good[0]), int(bad[0])
@@ -102,8 +107,8 @@ import sys, time, torch, pyvene as pv
 sys.path.insert(0, "benchmarks")
 from patching_sweep import build, inputs, layers_path
 torch.set_num_threads(1)
-name, layer, p = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-m = build(name); clean, corrupt, good, bad = inputs(m, name)
+name, layer, p, corruption = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+m = build(name); clean, corrupt, good, bad = inputs(m, name, corruption)
 pm = pv.IntervenableModel({"component": f"{layers_path(m)}[{layer}].output",
                            "intervention_type": pv.VanillaIntervention}, model=m.model)
 t = time.perf_counter()
@@ -115,11 +120,11 @@ print(dt, float(l[good] - l[bad]))
 """
 
 
-def pyvene_sample(name, jobs, k=3):
+def pyvene_sample(name, jobs, corruption, k=3):
     times, values = [], {}
     for layer, p in jobs[:: max(1, len(jobs) // k)][:k]:
-        r = subprocess.run([sys.executable, "-c", PYVENE_ONE, name, str(layer), str(p)], capture_output=True,
-                           text=True)
+        r = subprocess.run([sys.executable, "-c", PYVENE_ONE, name, str(layer), str(p), corruption],
+                           capture_output=True, text=True)
         if r.returncode != 0:
             return None, {}, r.stderr.strip().splitlines()[-1]
         dt, v = map(float, r.stdout.split())
@@ -132,11 +137,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mid")
     ap.add_argument("--stride", type=int, default=1, help="patch every k-th position (all tools alike)")
+    ap.add_argument("--corruption", choices=["str", "image"], default="str",
+                    help="str: one question token replaced; image: another image (no patch is the identity)")
     ap.add_argument("--skip-nnsight", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
     m = build(a.model)
-    clean, corrupt, good, bad = inputs(m, a.model)
+    clean, corrupt, good, bad = inputs(m, a.model, a.corruption)
     metric = logit_diff(good, bad)
     t_len = clean["input_ids"].shape[1]
     positions = list(range(0, t_len, a.stride))
@@ -161,14 +168,15 @@ def main():
         t0 = time.perf_counter()
         nn_vals = nnsight_sweep(m, clean, corrupt, metric, jobs)
         rows.append(("nnsight, one trace per patch", time.perf_counter() - t0, nn_vals, ""))
-    t_pv, pv_vals, err = pyvene_sample(a.model, jobs)
+    t_pv, pv_vals, err = pyvene_sample(a.model, jobs, a.corruption)
     if t_pv is not None:
         idx = {j: i for i, j in enumerate(jobs)}
         diffs = max(abs(v - ours_vals[idx[j]]) for j, v in pv_vals.items())
         rows.append(("pyvene (scaled from first calls in fresh processes)", t_pv, None, f"max |diff| {diffs:.1e}"))
     else:
         rows.append(("pyvene", float("nan"), None, f"failed: {err}"))
-    print(f"\nmodel {a.model}: {m.n_layers('lm')} layers x {len(positions)} positions = {len(jobs)} patches\n")
+    print(f"\nmodel {a.model}, {a.corruption} corruption: {m.n_layers('lm')} layers x {len(positions)} positions = "
+          f"{len(jobs)} patches\n")
     print("| tool | seconds | vlmscope sweep is faster by | max abs diff to vlmscope |")
     print("|---|---|---|---|")
     for name, t, vals, note in rows:

@@ -27,11 +27,42 @@ def test_prefix_reuse_is_taken_and_exact(setup):
     from vlmscope.methods.patching import _SuffixRunner
 
     _, m, clean, corrupt = setup
-    assert _SuffixRunner.make(m, corrupt, []) is not None
-    sites = ["lm.embed", "lm.blocks.*.resid_mid", "lm.blocks.*.attn.z", "lm.blocks.*.mlp.post"]
-    fast = patch_sweep(m, clean, corrupt, METRIC, sites=sites, batch_size=16)
-    slow = patch_sweep(m, clean, corrupt, METRIC, sites=sites, batch_size=16, prefix_reuse=False)
+    runner = _SuffixRunner.make(m, corrupt, [])
+    assert runner is not None
+    # the last block's query / output projections, MLP and the unembedding run at the read position only
+    last = f"lm.blocks.{m.n_layers('lm') - 1}"
+    assert runner.trimmed == [m.site(f"{last}.{s}").module for s in ("attn.q", "attn.z", "mlp.out")]
+    assert runner.logits_to_keep
+    # sites inside the trimmed modules (attn.z, mlp.post, attn.q) take the untrimmed path
+    sites = ["lm.embed", "lm.blocks.*.resid_mid", "lm.blocks.*.attn.z", "lm.blocks.*.mlp.post", "lm.blocks.*.attn.q",
+             "lm.blocks.*.resid_post"]
+    fast = patch_sweep(m, clean, corrupt, METRIC, sites=sites, batch_size=16, skip_unchanged=False)
+    slow = patch_sweep(m, clean, corrupt, METRIC, sites=sites, batch_size=16, prefix_reuse=False,
+                       skip_unchanged=False)
     torch.testing.assert_close(fast.raw, slow.raw, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+def test_unchanged_patches_are_skipped_exactly(setup, monkeypatch):
+    """STR changes one token: every patch before it writes the values the corrupt run already has,
+    so its metric is the corrupt run's, taken without a forward."""
+    from vlmscope.methods import patching
+
+    _, m, clean, corrupt = setup
+    sites = ["vision.blocks.1.resid_post", "lm.blocks.*.resid_post", "lm.blocks.*.attn.z"]
+    full = patch_sweep(m, clean, corrupt, METRIC, sites=sites, heads=False, skip_unchanged=False)
+    ran = []
+    real = patching._SuffixRunner.run
+    monkeypatch.setattr(patching._SuffixRunner, "run", lambda self, chunk, *a: ran.append(len(chunk)) or real(
+        self, chunk, *a))
+    fast = patch_sweep(m, clean, corrupt, METRIC, sites=sites, heads=False)
+    torch.testing.assert_close(fast.raw, full.raw, atol=1e-5, rtol=1e-5, equal_nan=True)
+    t = clean["input_ids"].shape[1]
+    n_lm = len([c for c in fast.components if c.startswith("lm.")])
+    assert sum(ran) == n_lm * 2  # only the replaced token (t - 2) and the last position (t - 1) rerun
+    vision = fast.components.index("vision.blocks.1.resid_post")
+    done = ~fast.raw[0, vision].isnan()
+    assert done.any() and (fast.per_pair[:, vision][:, done] == 0).all()  # the image is the same in both
+    assert t > 2
 
 
 @pytest.mark.parametrize("direction", ["denoise", "noise"])

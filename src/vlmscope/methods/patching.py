@@ -122,7 +122,8 @@ def _tile(inputs: Mapping[str, Any], n: int) -> dict[str, Any]:
 def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metric: Metric,
                 sites: str | Sequence[str] = "lm.blocks.*.resid_post", positions: Groups = "each",
                 direction: Literal["denoise", "noise"] = "denoise", heads: bool = False, batch_size: int = 32,
-                corrupt_interventions: Sequence[Intervention] = (), prefix_reuse: bool = True) -> PatchingResult:
+                corrupt_interventions: Sequence[Intervention] = (), prefix_reuse: bool = True,
+                skip_unchanged: bool = True) -> PatchingResult:
     """Exact activation patching of every component x position group.
 
     clean/corrupt: inputs with equal token layouts (SIP, STR), or the same inputs with
@@ -130,6 +131,9 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
     prefix_reuse: in a causal LM a patch at position p cannot change positions before p, so
     LM-site patches rerun only the suffix from p, on the base run's cached keys and values
     (checked once against the full run; off when the model or the corruption rules it out).
+    skip_unchanged: a patch that writes exactly the values the base run already has there (e.g.
+    every position before the replaced token of an STR pair) is the identity: its metric is the
+    base run's, taken without a forward.
     """
     if direction not in ("denoise", "noise"):
         raise InputError(f"direction must be 'denoise' or 'noise', got {direction!r}")
@@ -162,6 +166,11 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
             if mask.any():
                 jobs.append((ci, labels.index(g.label), site, head, mask))
     raw = torch.full((pairs, len(comps), len(labels)), float("nan"))
+    if skip_unchanged:
+        base_cache, m_base = (corrupt_cache, m_corrupt) if direction == "denoise" else (clean_cache, m_clean)
+        same = [_unchanged(vlm, source, base_cache, j) for j in jobs]
+        _store(raw, [j for j, s in zip(jobs, same) if s], m_base.expand(sum(same), pairs))
+        jobs = [j for j, s in zip(jobs, same) if not s]
     per_forward = max(1, batch_size // pairs)
     suffix = _SuffixRunner.make(vlm, base, base_ivs) if prefix_reuse else None
     plain_jobs = [j for j in jobs if suffix is None or not suffix.accepts(vlm.site(j[2]))]
@@ -189,6 +198,18 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
         raw=raw, clean=m_clean, corrupt=m_corrupt, group_row=torch.tensor([meta[g][0] for g in labels]),
         group_col=torch.tensor([meta[g][1] for g in labels]),
     )
+
+
+def _unchanged(vlm, source, base, job) -> bool:
+    """Whether a job's patch writes exactly the values the base run has at its positions."""
+    _, _, site, head, mask = job
+    a, b = source[site], base[site]
+    if vlm.site(site).hook == "pattern" or a.shape != b.shape or tuple(a.shape[:2]) != tuple(mask.shape):
+        return False
+    if head is not None:
+        a, b = a[:, :, head], b[:, :, head]
+    mask = mask.to(a.device)
+    return torch.equal(a[mask], b[mask])
 
 
 def _job_mask(mask: torch.Tensor, n: int, j: int) -> torch.Tensor:
@@ -227,6 +248,26 @@ def _store(raw: torch.Tensor, chunk, values: torch.Tensor) -> None:
         raw[:, ci, gi] = values[j]
 
 
+class _AtPositions(torch.nn.Module):
+    """Stands in for a position-wise module of the last block (query or output projection, MLP):
+    computes it at one position per row, the one whose logits are read; other positions get
+    zeros, which nothing downstream of them reads."""
+
+    def __init__(self, mlp: torch.nn.Module, positions: torch.Tensor):
+        super().__init__()
+        self.mlp, self.positions = mlp, positions
+
+    def forward(self, x, *args, **kwargs):
+        if x.dim() != 3 or x.shape[0] != len(self.positions):
+            return self.mlp(x, *args, **kwargs)
+        rows = torch.arange(x.shape[0], device=x.device)
+        at = self.positions.to(x.device)
+        y = self.mlp(x[rows, at].unsqueeze(1), *args, **kwargs)
+        out = y.new_zeros(x.shape[:2] + y.shape[2:])
+        out[rows, at] = y[:, 0]
+        return out
+
+
 class _Skip(torch.nn.Module):
     """Stands in for a block whose output the suffix run already knows: returns its input."""
 
@@ -244,6 +285,12 @@ class _SuffixRunner:
         self.n_layers, self.skip_layers = n_layers, skip_layers
         self.length = cache["lm.embed"].shape[1]
         self.layers_path = vlm.site("lm.blocks.0.resid_pre").module.rsplit(".", 1)[0]
+        # the last block's query and output projections, its MLP and the unembedding matter only at
+        # the positions whose logits are read (its keys and values are needed everywhere)
+        b = f"lm.blocks.{n_layers - 1}"
+        self.trimmed = [vlm.site(s).module for s in (f"{b}.attn.q", f"{b}.attn.z", f"{b}.mlp.out")
+                        if s in vlm.site_table]
+        self.logits_to_keep = True
 
     @classmethod
     def make(cls, vlm, base, base_ivs):
@@ -267,6 +314,8 @@ class _SuffixRunner:
         # blocks can be skipped only if they return the residual itself (not a tuple)
         skip = isinstance(cache["lm.blocks.0.resid_post"], torch.Tensor) and n > 1
         runner = cls(vlm, base, cache, kv, last, n, skip)
+        trims = [("trimmed", [path]) for path in runner.trimmed] + [("logits_to_keep", True)]
+        runner.trimmed, runner.logits_to_keep = [], False
         try:  # a model whose positions do not follow the cache (e.g. multimodal RoPE) fails here
             if skip and not torch.allclose(runner._logits(p, 1, [], n - 1), full, atol=1e-4, rtol=1e-4):
                 runner.skip_layers = False
@@ -274,12 +323,21 @@ class _SuffixRunner:
                 return None
         except (TypeError, ValueError, RuntimeError, IndexError, KeyError):
             return None
+        for name, value in trims:  # each shortcut is kept only if the model gives the same logits
+            before = getattr(runner, name)
+            setattr(runner, name, before + value if name == "trimmed" else value)
+            try:
+                same = torch.allclose(runner._logits(p, 1, [], 0), full, atol=1e-4, rtol=1e-4)
+            except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError):
+                same = False
+            if not same:
+                setattr(runner, name, before)
         return runner
 
     def accepts(self, spec) -> bool:
         return spec.stream == "lm" and spec.hook != "pattern"
 
-    def _logits(self, p: int, n: int, ivs, layer: int) -> torch.Tensor:
+    def _logits(self, p: int, n: int, ivs, layer: int, trim: bool = True) -> torch.Tensor:
         kv = copy.deepcopy(self.kv)
         for kv_layer in kv.layers:
             kv_layer.keys = kv_layer.keys[:, :, :p].repeat(n, 1, 1, 1)
@@ -293,17 +351,31 @@ class _SuffixRunner:
             known = self.cache[start][:, p:]
             everywhere = torch.ones(n * known.shape[0], known.shape[1], dtype=torch.bool)
             ivs = [patch(start, {start: known}, positions=everywhere)] + list(ivs)
+        last = (self.last - p).repeat(n)
+        kwargs, read = {}, last
+        if trim and self.logits_to_keep:
+            kept = torch.unique(last)
+            kwargs["logits_to_keep"], read = kept, torch.searchsorted(kept, last)
         blocks = self.vlm.model.get_submodule(self.layers_path)
-        kept = [blocks[i] for i in range(skip)]
+        kept_blocks = [blocks[i] for i in range(skip)]
+        swaps = []
+        for path in self.trimmed if trim else []:
+            owner_path, attr = path.rsplit(".", 1)
+            owner = self.vlm.model.get_submodule(owner_path)
+            swaps.append((owner, attr, getattr(owner, attr)))
         try:
             for i in range(skip):
                 blocks[i] = _Skip()
-            out = self.vlm.run(inputs, ivs)
+            for owner, attr, module in swaps:
+                setattr(owner, attr, _AtPositions(module, last))
+            out = self.vlm.run(inputs, ivs, **kwargs)
         finally:
-            for i, block in enumerate(kept):
+            for i, block in enumerate(kept_blocks):
                 blocks[i] = block
-        last = (self.last - p).repeat(n).to(out.logits.device)
-        return out.logits[torch.arange(len(last), device=last.device), last]
+            for owner, attr, module in swaps:
+                setattr(owner, attr, module)
+        read = read.to(out.logits.device)
+        return out.logits[torch.arange(len(read), device=read.device), read]
 
     def run(self, chunk, p: int, source, metric) -> torch.Tensor:
         p = min(p, int(self.last.min()))
@@ -317,7 +389,13 @@ class _SuffixRunner:
             target = f"lm.blocks.{self.vlm.site(site).layer + 1}.resid_pre" if shift else site
             ivs.append(patch(target, {target: source[site][:, p:]}, positions=_job_mask(mask[:, p:], n, j),
                              heads=None if head is None else [head]))
-        return metric(self._logits(p, n, ivs, layer + shift)).float().cpu().view(n, rows)
+        # a patch inside the last MLP or on the logits needs them at every position
+        trim = not any(self._needs_all_positions(j[2]) for j in chunk)
+        return metric(self._logits(p, n, ivs, layer + shift, trim)).float().cpu().view(n, rows)
+
+    def _needs_all_positions(self, site: str) -> bool:
+        module = self.vlm.site(site).module
+        return site == "lm.logits" or any(module == t or module.startswith(t + ".") for t in self.trimmed)
 
 
 def _site_of(iv) -> str | None:

@@ -35,6 +35,7 @@ class BlockLayout:
     mlp: str  # its output is mlp.out
     mlp_down: str  # the MLP's output projection: its input is mlp.post (neuron activations)
     flat_mlp: bool = False  # the block flattens (batch, pos) into one axis around its MLP (OPT)
+    attn_q_proj: str | None = None  # a separate query projection: its output is attn.q (None: fused qkv)
 
     def sites(self, model: nn.Module, blk: str, b: str, i: int, stream: str, packed: bool) -> list[SiteSpec]:
         """The sites of block `blk` (module path), named under `b` ("lm.blocks.3")."""
@@ -42,8 +43,11 @@ class BlockLayout:
         d = f"{blk}.{self.attn_out_proj}.weight:0"
         flat = dict(flat=self.flat_mlp, block=blk if self.flat_mlp else None)
         common = dict(layer=i, packed=packed)
+        query = [SiteSpec(f"{b}.attn.q", f"{blk}.{self.attn_q_proj}", "output", stream,
+                          width=f"{blk}.{self.attn_q_proj}.weight:0", **common)] if self.attn_q_proj else []
         return [
             SiteSpec(f"{b}.resid_pre", blk, "input", stream, arg="hidden_states", width=d, **common),
+            *query,
             SiteSpec(f"{b}.attn.pattern", f"{blk}.{self.attn}", "pattern", stream, heads=heads, **common),
             SiteSpec(f"{b}.attn.z", f"{blk}.{self.attn_out_proj}", "input", stream, heads=heads,
                      width=f"{blk}.{self.attn_out_proj}.weight:1", **common),

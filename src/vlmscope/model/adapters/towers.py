@@ -24,12 +24,12 @@ from vlmscope.model.sites import SiteSpec
 # Pre-norm decoders with a gated MLP: Llama, Mistral, Vicuna, Qwen2, Qwen2-VL's LM, Gemma (v1).
 GATED_DECODER = BlockLayout(
     attn="self_attn", attn_out_proj="self_attn.o_proj", norm2="post_attention_layernorm",
-    mlp="mlp", mlp_down="mlp.down_proj",
+    mlp="mlp", mlp_down="mlp.down_proj", attn_q_proj="self_attn.q_proj",
 )
 # Pre-norm encoders with a two-layer MLP: CLIP, SigLIP, Idefics3 / SmolVLM (vision and text towers).
 CLIP_ENCODER = BlockLayout(
     attn="self_attn", attn_out_proj="self_attn.out_proj", norm2="layer_norm2",
-    mlp="mlp", mlp_down="mlp.fc2",
+    mlp="mlp", mlp_down="mlp.fc2", attn_q_proj="self_attn.q_proj",
 )
 # BLIP-2 / InstructBLIP's EVA ViT: as CLIP, with a fused qkv and an output `projection`.
 BLIP_ENCODER = BlockLayout(
@@ -39,7 +39,7 @@ BLIP_ENCODER = BlockLayout(
 # OPT (pre-norm, do_layer_norm_before=True): the MLP is fc1/fc2 inside the block, on (batch * pos, d).
 OPT_DECODER = BlockLayout(
     attn="self_attn", attn_out_proj="self_attn.out_proj", norm2="final_layer_norm",
-    mlp="fc2", mlp_down="fc2", flat_mlp=True,
+    mlp="fc2", mlp_down="fc2", flat_mlp=True, attn_q_proj="self_attn.q_proj",
 )
 # Qwen2-VL's and Qwen2.5-VL's ViT blocks (packed tokens, no batch axis).
 QWEN2_VL_VISION = BlockLayout(attn="attn", attn_out_proj="attn.proj", norm2="norm2", mlp="mlp",
