@@ -44,3 +44,16 @@ def test_zoo_data_carries_answers():
     assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
     assert answers.shape == (3,) and inputs["input_ids"].shape[0] == 3
     assert collate(dataset[:2])["pixel_values"].shape[0] == 2
+
+
+def test_train_whitened(tmp_path):
+    """--whiten reaches the trainer: the run's config records it and the saved decoder rows, which
+    whitening folds with its inverse, no longer share one norm."""
+    out = tmp_path / "run"
+    argv = ["sae", "train", "--model", "tiny-llava", "--site", "connector.out", "--k", "4", "--expansion", "2",
+            "--examples", "32", "--steps", "6", "--batch-size", "32", "--chunk-examples", "16", "--whiten", "0.1",
+            "--out", str(out), "--quiet"]
+    assert _main(argv) == 0
+    assert json.loads((out / "training.json").read_text())["config"]["train"]["whiten"] == 0.1
+    norms = S.load_sae(out / "connector.out-topk-x2-k4").W_dec.detach().norm(dim=-1)
+    assert float(norms.max() / norms.min()) > 1.01

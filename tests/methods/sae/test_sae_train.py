@@ -145,3 +145,22 @@ def test_learning_rate_warms_up_and_decays_linearly():
     assert lr_factor(9, cfg) == lr_factor(50, cfg) == lr_factor(79, cfg) == 1.0
     assert lr_factor(80, cfg) == pytest.approx(1.0) and lr_factor(90, cfg) == pytest.approx(0.5)
     assert lr_factor(99, cfg) == pytest.approx(0.05)
+
+
+def test_whitened_training_resumes_exactly(tmp_path):
+    """The whitening measured on the first chunk is checkpointed: a crashed run resumes to the same weights."""
+    x, _ = S.planted_dictionary(n_rows=1024, d=8, n_features=16, mean_active=2, seed=3)
+    x = x @ torch.diag(torch.logspace(-1, 1, 8)) + 1.0  # unequal variances, an offset
+    src = S.TensorSource({"x": x}, chunk_rows=128)
+    specs = [S.SAESpec("x", "topk", d_sae=16, k=2, name="a"), S.SAESpec("x", "jumprelu", d_sae=16, name="b")]
+    cfg = S.TrainConfig(steps=12, batch_size=64, lr=3e-3, warmup_steps=2, checkpoint_every=3, whiten=0.1)
+    whole = S.train_saes(src, specs, cfg, out_dir=tmp_path / "whole", progress=False)
+    with pytest.raises(_Crash):
+        S.train_saes(_Flaky(src, 4), specs, cfg, out_dir=tmp_path / "cut", progress=False)
+    assert json.loads((tmp_path / "cut" / "checkpoint.json").read_text())["step"] >= 3
+    resumed = S.train_saes(src, specs, cfg, out_dir=tmp_path / "cut", progress=False)
+    for name in ("a", "b"):
+        for p, q in zip(whole[name].state_dict().values(), resumed[name].state_dict().values(), strict=True):
+            assert torch.equal(p, q)
+    _same_run(tmp_path / "whole", tmp_path / "cut", ["a", "b"])
+    assert not torch.allclose(whole["a"].W_dec.norm(dim=-1), whole["a"].W_dec.norm(dim=-1)[:1])  # whitened, folded

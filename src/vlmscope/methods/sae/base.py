@@ -171,6 +171,19 @@ class SAE(nn.Module, metaclass=abc.ABCMeta):
         self.W_dec /= scale
         self.b_dec /= scale
 
+    @torch.no_grad()
+    def fold_input_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+        """The SAE was trained on (z − mean) @ matrix (matrix invertible, d_in x d_in): rewrite it to take
+        z itself with the same latents and the reconstruction mapped back (W_enc ← matrix W_enc,
+        W_dec ← W_dec matrix⁻¹, b_dec ← mean + b_dec matrix⁻¹)."""
+        if self.cfg.rescale_acts_by_decoder_norm or not self.cfg.apply_b_dec_to_input:
+            raise ValueError("cannot fold whitening into an SAE with rescale_acts_by_decoder_norm or without "
+                             "apply_b_dec_to_input")
+        inv = torch.linalg.inv(matrix.double())  # (d_in, d_in)
+        self.W_enc.copy_(matrix.double() @ self.W_enc.double())
+        self.W_dec.copy_(self.W_dec.double() @ inv)
+        self.b_dec.copy_(mean.double() + self.b_dec.double() @ inv)
+
 
 def build_sae(cfg: SAEConfig) -> SAE:
     """An SAE of `cfg.architecture` with zero parameters (call `init_weights` or load a state).

@@ -1,16 +1,17 @@
 """SAE training checkpoints: the mutable state of a run, written to and read from one folder.
 
 `checkpoint-<step>.safetensors` holds parameters, Adam moments and step counts, dead counters,
-scales and the resampling RNG; `checkpoint.json` (step, data cursor, config, logs) commits it by an
-atomic rewrite, so a run killed at any moment resumes from its last committed step. Under torchrun
-rank 0 alone writes and tidies; every rank reads. Never pickle: safetensors + JSON only.
+scales, whitening (mean, matrix) and the resampling RNG; `checkpoint.json` (step, data cursor,
+config, logs) commits it by an atomic rewrite, so a run killed at any moment resumes from its last
+committed step. Under torchrun rank 0 alone writes and tidies; every rank reads. Never pickle:
+safetensors + JSON only.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ class TrainState:
     step: int = 0
     cursor: tuple[int, int, int] = (0, 0, 0)  # epoch, chunk position, batch within the chunk
     logs: list[list[dict]] | None = None
+    whitening: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # site: mean, matrix
 
 
 def adam(sae: SAE, cfg: TrainConfig) -> torch.optim.Adam:
@@ -60,6 +62,8 @@ def save_checkpoint(out: Path, run: TrainState, fingerprint: dict) -> None:
         tensors[f"silent{i}"] = run.silent[i].cpu().clone()
     for site, s in run.scales.items():
         tensors[f"scale/{site}"] = torch.tensor(s, dtype=torch.float64)
+    for site, (mean, matrix) in run.whitening.items():
+        tensors[f"whiten_mean/{site}"], tensors[f"whiten_matrix/{site}"] = mean.clone(), matrix.clone()
     fname = f"checkpoint-{run.step:08d}.safetensors"
     _atomic_write_bytes(out / fname, lambda p: save_file(tensors, p))
     doc = {"kind": "sae_checkpoint", "format": 1, "step": run.step, "cursor": list(run.cursor), "file": fname,
@@ -111,6 +115,8 @@ def _restore(t: dict[str, torch.Tensor], specs: Sequence[SAESpec], cfg: TrainCon
         opts.append(opt)
         silent.append(t[f"silent{i}"].to(dev))
     scales = {k.split("/", 1)[1]: float(v) for k, v in t.items() if k.startswith("scale/")}
+    whitening = {site: (t[f"whiten_mean/{site}"], t[f"whiten_matrix/{site}"])
+                 for site in (k.split("/", 1)[1] for k in t if k.startswith("whiten_mean/"))}
     rng = torch.Generator()
     rng.set_state(t["rng/resample"])
-    return TrainState(saes, opts, silent, scales, rng)
+    return TrainState(saes, opts, silent, scales, rng, whitening=whitening)

@@ -45,6 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch-size", type=int, default=1024, help="activation rows per SAE step (over all ranks)")
     tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--whiten", type=float, default=0.0, help="ZCA-whiten each site's rows first, regularised by "
+                    "this x the mean eigenvalue (0: off); folded into the saved SAE")
     tr.add_argument("--model-batch-size", type=int, default=16, help="examples per forward")
     tr.add_argument("--chunk-examples", type=int, default=128, help="examples shuffled together")
     tr.add_argument("--checkpoint-every", type=int, default=200)
@@ -89,7 +91,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
     specs = [SAESpec(site, arch, d_sae=args.d_sae, expansion=args.expansion, k=args.k, sparsity=args.sparsity)
              for site in args.site for arch in (args.arch or ["topk"])]
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, whiten=args.whiten,
                       checkpoint_every=args.checkpoint_every, warmup_steps=min(100, max(args.steps // 10, 1)))
     out = Path(args.out)
     with distributed.session() as d:

@@ -1,12 +1,13 @@
 """Training SAEs: several at once (sites x architectures x sizes) from one pass over the data.
 
 `train_saes(source, specs, config, out_dir)` feeds every SAE the same batches of its site's rows
-from one source (sources.py: in-memory rows, an activation store, or the model itself — one
-forward serves all of them). Per SAE: activations scaled so E‖z‖ = √d_in (the scale is folded into
-the saved weights), b_dec started at the data mean, Adam with linear lr warm-up and a linear decay
-over the last `decay_fraction` of steps, the sparsity coefficient (ReLU's L1, JumpReLU's L0)
-warmed up linearly, decoder rows kept at unit norm, dead latents resampled for ReLU (TopK and
-BatchTopK use AuxK instead). A progress bar shows loss, L0 and the dead fraction.
+from one source (sources.py: in-memory rows, an activation store, or the model itself — one forward
+serves all of them). Per SAE: activations optionally ZCA-whitened (`whiten`), then scaled so E‖z‖ =
+√d_in (both folded into the saved weights), b_dec started at the data mean, Adam with linear lr
+warm-up and a linear decay over the last `decay_fraction` of steps, the sparsity coefficient
+(ReLU's L1, JumpReLU's L0) warmed up linearly, decoder rows kept at unit norm, dead latents
+resampled for ReLU (TopK and BatchTopK use AuxK instead). A progress bar shows loss, L0 and the
+dead fraction.
 
 Checkpoints (checkpoints.py): `checkpoint-<step>.safetensors` (parameters, Adam moments and step
 counts, dead counters, scales, RNG state) committed by an atomic rewrite of `checkpoint.json` (step,
@@ -84,6 +85,7 @@ class TrainConfig:
     decay_fraction: float = 0.2  # linear lr decay to 0 over this last fraction of the steps
     sparsity_warmup_steps: int = 200  # linear warm-up of the L1 / L0 coefficient
     normalise: bool = True  # scale each site's rows so that E‖z‖ = √d_in
+    whiten: float = 0.0  # > 0: ZCA-whiten each site's rows first, regularised by whiten x mean eigenvalue
     init_b_dec: str = "mean"  # "mean" of the first chunk, or "zeros"
     dead_after_tokens: int = 100_000  # a latent silent for this many rows counts as dead
     resample_every: int = 500  # ReLU: resample dead latents every this many steps (0: never; not in decay)
@@ -113,6 +115,8 @@ def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | N
     ranks sharing each batch (default: the initialised process group; every rank must call this)."""
     cfg = config or TrainConfig()
     d = dist or distributed.current()
+    if cfg.whiten < 0:
+        raise InputError(f"whiten must be >= 0 (0: off), got {cfg.whiten}")
     if cfg.batch_size % d.world_size:
         raise InputError(f"batch_size {cfg.batch_size} does not split over {d.world_size} processes; give a "
                          f"multiple of {d.world_size}")
@@ -157,7 +161,7 @@ def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | N
         for b in range(first, n_batches):
             mine = slice(b * cfg.batch_size + d.rank * local, b * cfg.batch_size + (d.rank + 1) * local)
             for i, spec in enumerate(specs):
-                x = rows[spec.site][perms[spec.site][mine]].to(dev) * run.scales[spec.site]  # (local, d_in)
+                x = _inputs(run, spec.site, rows[spec.site][perms[spec.site][mine]]).to(dev)  # (local, d_in)
                 _step(run, i, spec, x, cfg, losses[i], d)
             run.step += 1
             run.cursor = (epoch, pos, b + 1) if b + 1 < n_batches else (epoch, pos + 1, 0)
@@ -198,8 +202,11 @@ class _Objective(nn.Module):
 def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig, dev: torch.device, d: Dist) -> TrainState:
     order = torch.randperm(source.n_chunks(), generator=generator(cfg.seed, "chunks", 0)).tolist()
     first = _chunk(source, 0, order[0], cfg.seed, d)  # the first chunk training reads: scales and b_dec
-    scales = {}
+    scales, whitening = {}, {}
     for site, rows in first.items():
+        if cfg.whiten > 0:
+            whitening[site] = zca(rows, cfg.whiten)
+            rows = first[site] = _whiten(rows, *whitening[site])  # (rows, d_in)
         scales[site] = float(math.sqrt(rows.shape[1]) / rows.norm(dim=1).mean()) if cfg.normalise else 1.0
     saes, opts, silent = [], [], []
     for i, spec in enumerate(specs):
@@ -216,7 +223,29 @@ def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig, dev: torch.de
         saes.append(sae.to(dev).train())
         opts.append(adam(sae, cfg))
         silent.append(torch.zeros(sc.d_sae, dtype=torch.long, device=dev))
-    return TrainState(saes, opts, silent, scales, generator(cfg.seed, "resample"), logs=[[] for _ in specs])
+    return TrainState(saes, opts, silent, scales, generator(cfg.seed, "resample"), logs=[[] for _ in specs],
+                      whitening=whitening)
+
+
+def zca(rows: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZCA whitening of (rows, d) (Bell & Sejnowski 1997): the mean and the symmetric matrix
+    (C + eps · mean eigenvalue · I)^(-1/2), C the rows' covariance; eps keeps it invertible."""
+    mean = rows.double().mean(0)
+    vals, vecs = torch.linalg.eigh(torch.cov((rows.double() - mean).T))  # (d,), (d, d)
+    vals = vals.clamp_min(0)
+    ridge = eps * vals.mean().clamp_min(1e-12)
+    return mean.float().cpu(), ((vecs * (vals + ridge).rsqrt()) @ vecs.T).float().cpu()
+
+
+def _whiten(rows: torch.Tensor, mean: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    return (rows - mean.to(rows.device)) @ matrix.to(rows.device)  # (rows, d_in)
+
+
+def _inputs(run: TrainState, site: str, rows: torch.Tensor) -> torch.Tensor:
+    """(rows, d_in) raw activations -> what the SAEs of `site` train on (whitened, scaled)."""
+    if site in run.whitening:
+        rows = _whiten(rows, *run.whitening[site])
+    return rows * run.scales[site]
 
 
 def _step(run: TrainState, i: int, spec: SAESpec, x: torch.Tensor, cfg: TrainConfig, objective: nn.Module,
@@ -293,7 +322,11 @@ def _finish(run: TrainState, specs: list[SAESpec], names: list[str], out: Path |
     result = {}
     for name, spec, sae in zip(names, specs, run.saes, strict=True):
         final = copy.deepcopy(sae).cpu().eval()
-        final.fold_input_scale(run.scales[spec.site])
+        if spec.site in run.whitening:
+            mean, matrix = run.whitening[spec.site]
+            final.fold_input_whitening(mean, matrix * run.scales[spec.site])
+        else:
+            final.fold_input_scale(run.scales[spec.site])
         src = fingerprint["source"]
         final.cfg = replace(final.cfg, positions=_positions(src), model=src.get("name", ""))
         result[name] = final.requires_grad_(False)
