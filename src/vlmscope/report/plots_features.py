@@ -228,7 +228,7 @@ def dissection(r, ax=None):
 def verification(r, ax=None):
     """Firing rate per value of the varied attribute; the explained value in orange."""
     fig, ax = _axes(ax, (max(4, 0.5 * len(r.values)), 3))
-    explained = r.explanation.split("=")[1]
+    explained = r.explanation.partition("=")[2]  # "" for "object" / "background": no bar is the explained one
     ax.bar(range(len(r.values)), r.fire_rate.numpy(),
            color=["tab:orange" if v == explained else "tab:blue" for v in r.values])
     ax.set_xticks(range(len(r.values)), r.values, rotation=45, fontsize=8)

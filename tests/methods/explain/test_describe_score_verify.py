@@ -10,9 +10,10 @@ import torch
 
 import vlmscope as vs
 from vlmscope import testing as T
+from vlmscope.data import COLOURS
 from vlmscope.data.scene import sample_scene
 from vlmscope.errors import InputError
-from vlmscope.methods.explain.concepts import concept_masks, parse
+from vlmscope.methods.explain.concepts import all_concepts, concept_masks, parse
 from vlmscope.methods.explain.describe import Dissection, LLMDescription, describe_with_llm, dissect, llm_messages
 from vlmscope.methods.explain.patchscope import PatchscopeResult, patchscope
 from vlmscope.methods.explain.score import ExplanationScores, correlation, score_explanations
@@ -163,3 +164,51 @@ def test_llm_describer_against_a_local_server(tmp_path):
     assert back.evidence == evidence
     with pytest.raises(InputError, match="http"):
         describe_with_llm(evidence, "127.0.0.1:9")
+
+
+def _fixed_patch(images):
+    """Fires at patch 4 whatever it shows: a position feature."""
+    out = torch.zeros(len(images), 3, 3)
+    out[:, 1, 1] = 1.0
+    return out
+
+
+def _background(images):
+    return 1.0 - object_feature(images)
+
+
+def test_verification_of_object_patch_and_background(tmp_path):
+    """The union and position concepts get their own controls: an object detector holds as "object"
+    and an object-specific feature is too narrow for it; a position feature holds as "patch=4" and is
+    too broad as "cell=4" (it fires whichever cell the object is in)."""
+    obj = verify(object_feature, "object", n_bases=16)
+    assert obj.verdict == "holds" and float(obj.fire_rate[-1]) == 0.0 and obj.values[-1] == "empty"
+    red = verify(red_feature, "object", n_bases=16)
+    assert red.verdict == "too narrow" and red.detail == "depends on colour: fires for red"
+    assert verify(_background, "object", n_bases=16).verdict == "too broad"
+    pos = verify(_fixed_patch, "patch=4", n_bases=8)
+    assert pos.verdict == "holds" and pos.fire_rate.tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+    assert verify(_fixed_patch, "patch=3", n_bases=8).verdict == "does not hold"
+    assert verify(_fixed_patch, "cell=4", n_bases=8).verdict == "too broad"
+    narrow = verify(object_feature, "patch=4", n_bases=8)
+    assert narrow.verdict == "too narrow" and narrow.detail == "only when the patch shows an object"
+    bg = verify(_background, "background", n_bases=16)
+    assert bg.verdict == "holds" and float(bg.fire_rate[-1]) == 0.0
+    assert verify(object_feature, "background", n_bases=16).verdict == "does not hold"
+    back = Result.load(obj.save(tmp_path / "o"))
+    assert isinstance(back, Verification) and back.values == obj.values and back.verdict == "holds"
+    back = Result.load(bg.save(tmp_path / "b"))  # NaN where a patch shows the object (or none is there)
+    assert back.response.shape == (16 * 10, 10) and torch.equal(back.response.isnan(), bg.response.isnan())
+    assert len(bg.to_dataframe()) == 10 and len(pos.to_dataframe()) == 9
+
+
+def test_concept_masks_of_object_background_and_patch():
+    rng = np.random.default_rng(1)
+    scenes = [sample_scene(rng) for _ in range(6)]
+    masks = concept_masks(scenes, 3, ["object", "background", "patch=5"] + all_concepts(["colour"]))
+    assert torch.equal(masks["object"], ~masks["background"])
+    assert torch.equal(masks["object"], torch.stack([masks[f"colour={c}"] for c in COLOURS]).any(0))
+    assert masks["patch=5"][:, 1, 2].all() and int(masks["patch=5"].sum()) == len(scenes)
+    assert parse("object") == ("object", "") and parse("patch=8") == ("patch", "8")
+    with pytest.raises(InputError, match="patch=9"):
+        parse("patch=9")

@@ -8,6 +8,7 @@ import torch
 import vlmscope.zoo
 from vlmscope.methods import sae as S
 from vlmscope.methods.explain.cli import add_parser
+from vlmscope.methods.explain.concepts import parse
 from vlmscope.methods.explain.zoo import (
     explain_sae_features,
     patch_maps,
@@ -32,8 +33,32 @@ def test_explain_sae_features_runs_end_to_end(zoo):
     sae.init_weights(torch.Generator().manual_seed(0))
     res, scores = explain_sae_features(zoo, sae.eval(), "connector.out", n_features=8, n=30, n_bases=4)
     assert scores["features examined"] <= 8 and len(res.verdicts) == len(res.labels)
-    assert all(lab and "=" in lab for lab in res.labels)
+    assert all(lab and parse(lab) for lab in res.labels)  # each a concept of the vocabulary
     assert 0.0 <= res.agreement <= 1.0
+
+
+def test_dissection_and_verification_on_the_experiments_sae(zoo, tmp_path):
+    """The issue's check on the demo's SAE (grounded.sae_concepts, last vision block, seed 0), top 50
+    features by frequency (41 alive on 300 scenes). Measured: 15 labelled at IoU >= 0.5, 7 hold (0.47
+    of the labelled, 0.17 of all examined): the 80 % bar is not met. No feature is named by an object's
+    cell any more: those that fire at one patch whatever it shows are named "patch=k" and hold; the
+    disagreements are features single concepts cannot name (two patches; a patch only when it shows
+    background; an object of some shapes; red and orange)."""
+    from vlmscope.experiments import grounded
+
+    sae, _, _, s = grounded.sae_concepts(zoo, seed=0)
+    res, scores = explain_sae_features(zoo, sae, s["site"], n_features=50)
+    assert scores["features examined"] == 41 and 12 <= scores["features labelled"] <= 18
+    assert scores["largest chance IoU (random map, same firing rate)"] < 0.25 < 0.5 <= float(res.iou.min())
+    assert 0.35 <= res.agreement <= 0.6 and 0.12 <= res.agreement_examined <= 0.25
+    assert scores["labels naming cell"] == 0 and scores["labels naming patch"] >= 8
+    held = {lab for lab, v in zip(res.labels, res.verdicts) if v == "holds"}
+    assert {"patch=1", "patch=6", "patch=7", "size=large", "colour=green"} <= held
+    narrow = [d for lab, v, d in zip(res.labels, res.verdicts, res.details) if lab.startswith("patch=") and
+              v == "too narrow"]
+    assert narrow and all(d == "only when the patch shows background" for d in narrow)
+    back = Result.load(res.save(tmp_path / "ef"))
+    assert back.examined == 41 and back.agreement == res.agreement and back.labels == res.labels
 
 
 def test_patch_maps_place_each_patch(zoo):
@@ -52,7 +77,8 @@ def test_zoo_domain_neurons_and_cli(zoo):
     """shapes-llava barely encodes its background: the lowest-entropy neurons (first vision block, at
     background patches) fire on textured *and* noisy alike, almost never on plain. Holding a domain's
     neurons below their firing threshold hits that domain's hidden states >= 2x as hard as the
-    others' in the first block, but the difference is gone by the tower's last block."""
+    others' in the first block, but the difference is gone by the tower's last block. Plain has no
+    specific neurons (see docs/explain.md): its lowest entropy is near uniform (1.04 on 60 scenes, ln 3 = 1.10)."""
     dn, effects, scores = zoo_domain_neurons(zoo, n=60, top_fraction=0.01)
     assert set(effects) == {"first block", "last block", "answer"} and len(dn.domains) == 3
     assert all(s.startswith("vision.blocks.") for s in dn.sites)
@@ -61,6 +87,12 @@ def test_zoo_domain_neurons_and_cli(zoo):
         assert scores[f"{d} neurons: firing probability on plain"] < 0.05
         assert scores[f"{d} neurons: own/other first block hit"] >= 2.0
         assert scores[f"{d} neurons: own/other last block hit"] < 1.5
+    # no plain-specific neurons exist: the most plain-specific one is near-uniform over domains, the
+    # selected "plain" neurons fire on textured and noisy almost as often, and clamping them is unselective
+    assert scores["plain neurons: lowest entropy"] > 1.0 > 0.8 > scores["noisy neurons: lowest entropy"]
+    assert scores["plain neurons: firing probability on textured"] > 0.04
+    assert scores["plain neurons: own/other first block hit"] < 1.6
+    assert scores["plain neurons: own/other answer hit"] < 0.5 < 2 < scores["noisy neurons: own/other answer hit"]
     ref = dn.reference("clamp")
     assert set(ref) == set(dn.sites) and ref[dn.sites[0]].shape == (dn.prob.shape[1],)
     parser = argparse.ArgumentParser()

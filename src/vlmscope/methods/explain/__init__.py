@@ -35,7 +35,7 @@ from vlmscope.methods.explain.textspan import (
     head_contributions,
     textspan,
 )
-from vlmscope.methods.explain.verify import Verification, judge, verify, verify_many
+from vlmscope.methods.explain.verify import Verification, judge, judge_object, judge_patch, verify, verify_many
 from vlmscope.methods.explain.word_match import WordMatch, neuron_directions, vlm_word_match, word_match
 from vlmscope.methods.explain.zoo import ExplainedFeatures, zoo_domain_neurons, zoo_modality_neurons
 from vlmscope.methods.explain.zoo_patchscope import PatchscopeAccuracy, zoo_patchscope
@@ -43,10 +43,10 @@ from vlmscope.methods.explain.zoo_textspan import AttributeHeads, zoo_textspan
 
 __all__ = [
     "AttributeHeads", "Deactivation", "Dissection", "DomainNeurons", "ExplainedFeatures", "ExplanationScores",
-    "HeadAblation", "HeadContributions", "LLMDescription", "ModalityNeurons", "PatchscopeAccuracy",
-    "PatchscopeResult", "SpliceResult", "TextSpanResult", "Verification", "WordMatch", "all_concepts",
-    "concept_masks", "correlation", "deactivate", "describe_with_llm", "dissect", "domain_neurons",
-    "head_ablation", "head_contributions", "hidden_change", "judge", "llm_messages", "modality_deactivation",
+    "HeadAblation", "HeadContributions", "LLMDescription", "ModalityNeurons", "PatchscopeAccuracy", "PatchscopeResult",
+    "SpliceResult", "TextSpanResult", "Verification", "WordMatch", "all_concepts", "concept_masks", "correlation",
+    "deactivate", "describe_with_llm", "dissect", "domain_neurons", "head_ablation", "head_contributions",
+    "hidden_change", "judge", "judge_object", "judge_patch", "llm_messages", "modality_deactivation",
     "modality_neurons", "neuron_directions", "nonneg_lasso", "parse", "patchscope", "patchscope_inputs",
     "patchscope_logits", "score_explanations", "splice", "splice_decompose", "textspan", "verify", "verify_many",
     "vlm_word_match", "word_match", "zoo_domain_neurons", "zoo_modality_neurons", "zoo_patchscope", "zoo_textspan",

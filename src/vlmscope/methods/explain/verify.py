@@ -13,6 +13,14 @@ firing rate per value decides the verdict, stated about the feature against its 
 - "too narrow": it fires on only part of the explained value's scenes and on no other value (the
   feature is narrower: it also depends on another attribute, named in `detail`);
 - "does not hold": it rarely fires on the explained value, or is both partial and unselective.
+
+Three explanations name no attribute value and get their own controls. "object" (fires on any
+object): every value of every object attribute is a "value" that must fire (>= `hold`), and the same
+bases with the object removed must not (<= `off`; "too broad" otherwise). "patch=k" (fires at patch k
+whatever it shows) and "background" (fires wherever no object is) read the response patch by patch
+on the bases with the object moved through every cell and removed: "patch=k" must fire at patch k
+both when it shows the object and when it shows background, and rarely at other patches;
+"background" at every background patch and rarely at the object's.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ import torch
 from vlmscope.data import render
 from vlmscope.data.scene import CELL, JITTER, Scene, place, random_attrs
 from vlmscope.data.vocab import DOMAINS, GRID
-from vlmscope.methods.explain.concepts import VALUES, parse
+from vlmscope.errors import InputError
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, VALUES, parse
 from vlmscope.results import Result
 
 FeatureFn = Callable[[list[np.ndarray]], torch.Tensor]  # images -> (n, rows, cols[, feature])
@@ -40,7 +49,7 @@ class Verification(Result):
     feature: str
     explanation: str
     values: tuple[str, ...]  # the varied attribute's values
-    response: torch.Tensor  # (base, value) max-over-patches response
+    response: torch.Tensor  # (base, value) max over patches; patch=k, background: (scene, value) at that patch
     fire_rate: torch.Tensor  # (value,) share of bases where it fires
     threshold: float
     verdict: str
@@ -54,7 +63,7 @@ class Verification(Result):
         import pandas as pd
 
         return pd.DataFrame({"value": list(self.values), "fire_rate": self.fire_rate.tolist(),
-                             "mean_response": self.response.mean(0).tolist(),
+                             "mean_response": self.response.nanmean(0).tolist(),
                              "explained": [f"{self.explanation.split('=')[0]}={v}" == self.explanation
                                            for v in self.values]})
 
@@ -95,6 +104,8 @@ def judge(response: torch.Tensor, explanation: str, bases: Sequence[Scene], feat
           ratio: float = 0.25, hold: float = 0.8, off: float = 0.2) -> Verification:
     """The verdict from responses (base, value) of the explained attribute's values (see module doc)."""
     attr, value = parse(explanation)
+    if attr not in VALUES or attr == "patch":
+        raise InputError(f"judge reads an attribute value; {explanation!r} needs judge_object or judge_patch")
     values = VALUES[attr]
     e = values.index(value)
     peak = float(response.max())
@@ -105,16 +116,7 @@ def judge(response: torch.Tensor, explanation: str, bases: Sequence[Scene], feat
     others = torch.cat([rate[:e], rate[e + 1:]])
     off_max = float(others.max()) if others.numel() else 0.0
     broad, narrow = off_max > off, on < hold
-    if on <= off:
-        verdict = "does not hold"
-    elif not broad and not narrow:
-        verdict = "holds"
-    elif broad and not narrow:
-        verdict = "too broad"
-    elif narrow and not broad:
-        verdict = "too narrow"
-    else:
-        verdict = "does not hold"
+    verdict = _verdict(on, off_max, hold, off)
     detail = ""
     if broad:
         detail = "also fires on " + ", ".join(f"{attr}={values[i]}" for i in range(len(values))
@@ -127,7 +129,7 @@ def judge(response: torch.Tensor, explanation: str, bases: Sequence[Scene], feat
 def _narrowing(fired: torch.Tensor, bases: Sequence[Scene], varied: str) -> str:
     """The other attribute whose values best separate the bases where the feature fired."""
     best, text = -1.0, ""
-    for attr in VALUES:
+    for attr in (*OBJECT_ATTRIBUTES, "domain"):
         if attr == varied:
             continue
         groups: dict[str, list[bool]] = {}
@@ -141,13 +143,120 @@ def _narrowing(fired: torch.Tensor, bases: Sequence[Scene], varied: str) -> str:
     return text
 
 
+def patch_responses(feature: FeatureFn, scenes: Sequence[Scene], batch_size: int = 64) -> torch.Tensor:
+    """The feature at every patch of each scene: (scene, rows, cols[, feature])."""
+    return torch.cat([feature([render(s) for s in scenes[i:i + batch_size]]).float().cpu()
+                      for i in range(0, len(scenes), batch_size)])
+
+
 def responses(feature: FeatureFn, scenes: Sequence[Scene], batch_size: int = 64) -> torch.Tensor:
     """The feature's maximum over patches for each scene: (scene,) or (scene, feature)."""
-    out = []
-    for i in range(0, len(scenes), batch_size):
-        maps = feature([render(s) for s in scenes[i:i + batch_size]])  # (n, rows, cols[, feature])
-        out.append(maps.flatten(1, 2).amax(1).float().cpu())
-    return torch.cat(out)
+    return patch_responses(feature, scenes, batch_size).flatten(1, 2).amax(1)
+
+
+def empty_scenes(bases: Sequence[Scene]) -> list[Scene]:
+    """Every base with its object removed: the same background, nothing on it."""
+    return [replace(b, objects=()) for b in bases]
+
+
+def _verdict(on: float, off_max: float, hold: float, off: float, reach: float | None = None) -> str:
+    """on: the rate on the whole explained set; off_max: the highest rate outside it; reach: the rate
+    on the part of the explained set it fires on most (= on for one value)."""
+    broad, narrow = off_max > off, on < hold
+    if (on if reach is None else reach) <= off or (broad and narrow):
+        return "does not hold"
+    return "too broad" if broad else "too narrow" if narrow else "holds"
+
+
+def judge_object(response: torch.Tensor, empty: torch.Tensor, feature: str = "feature", ratio: float = 0.25,
+                 hold: float = 0.8, off: float = 0.2) -> Verification:
+    """"object": the feature (max over patches) fires on every value of every object attribute and
+    not on the empty scenes. response (base, value) over `object_values()`; empty (base,)."""
+    values = (*object_values(), "empty")
+    r = torch.cat([response, empty[:, None]], 1)  # (base, value)
+    peak = float(r.max())
+    threshold = ratio * peak if peak > 0 else float("inf")
+    rate = (r > threshold).float().mean(0)  # (value,)
+    on, off_max = float(rate[:-1].min()), float(rate[-1])
+    verdict = _verdict(on, off_max, hold, off, reach=float(rate[:-1].max()))
+    detail = "also fires on empty scenes" if off_max > off else ""
+    if on < hold and verdict != "does not hold":  # the attribute whose values it separates most
+        by_attr = {a: {v.partition("=")[2]: x for v, x in zip(values, rate.tolist()) if v.startswith(a + "=")}
+                   for a in OBJECT_ATTRIBUTES}
+        a = max(by_attr, key=lambda k: max(by_attr[k].values()) - min(by_attr[k].values()))
+        fired = ", ".join(v for v, x in by_attr[a].items() if x >= 0.5) or "none half the time"
+        detail = "; ".join(x for x in (detail, f"depends on {a}: fires for {fired}") if x)
+    return Verification(feature, "object", values, r.float(), rate, threshold, verdict, detail)
+
+
+def judge_patch(maps: torch.Tensor, explanation: str, feature: str = "feature", ratio: float = 0.25,
+                hold: float = 0.8, off: float = 0.2) -> Verification:
+    """"patch=k" (the patch, whatever it shows) or "background" (every patch showing no object),
+    from maps (base, variant, rows, cols) over `patch_variants()`: the object in each cell, then empty.
+    "patch=k" holds when the feature fires at patch k whether it shows the object or background, and
+    rarely at any other patch; "background" when it fires at every patch that shows background and
+    rarely at the object's patch."""
+    attr, value = parse(explanation)
+    n_base, n_var = maps.shape[:2]
+    cells = maps.shape[2] * maps.shape[3]
+    if n_var != cells + 1:
+        raise InputError(f"judge_patch needs one variant per grid cell plus the empty scene on a patch grid of the "
+                         f"scene's cells; got {n_var} variants for {maps.shape[2]}x{maps.shape[3]} patches")
+    flat = maps.flatten(2)  # (base, variant, patch)
+    peak = float(flat.max())
+    threshold = ratio * peak if peak > 0 else float("inf")
+    fires = flat > threshold
+    shows_object = torch.zeros(n_var, cells, dtype=torch.bool)  # (variant, patch)
+    shows_object[torch.arange(cells), torch.arange(cells)] = True  # variant k: the object sits at patch k
+    obj = shows_object[None].expand(n_base, -1, -1)
+    bg_rate = (fires & ~obj).sum((0, 1)).float() / (~obj).sum((0, 1)).float()  # (patch,)
+    obj_rate = (fires & obj).sum((0, 1)).float() / obj.sum((0, 1)).float().clamp_min(1)  # (patch,)
+    if attr == "background":
+        values = (*[str(k) for k in range(cells)], "object")
+        rate = torch.cat([bg_rate, (fires & obj).sum()[None].float() / obj.sum()])
+        nan = torch.tensor(float("nan"))
+        at_object = torch.where(obj, flat, nan).flatten(0, 1).nanmean(1, keepdim=True)  # NaN for the empty scenes
+        response = torch.cat([torch.where(obj, nan, flat).flatten(0, 1), at_object], 1)  # (scene, value)
+        on, off_max = float(bg_rate.min()), float(rate[-1])
+        verdict = _verdict(on, off_max, hold, off, reach=float(bg_rate.max()))
+        detail = "also fires on the object" if off_max > off else ""
+        if on < hold and verdict != "does not hold":
+            at = [str(k) for k in range(cells) if float(bg_rate[k]) >= hold]
+            detail = "; ".join(x for x in (detail, "only at patches " + (", ".join(at) or "none")) if x)
+    elif attr == "patch":
+        k = int(value)
+        values = tuple(str(j) for j in range(cells))
+        rate = fires.float().mean((0, 1))  # (patch,)
+        response = flat.flatten(0, 1)  # (scene, patch)
+        on = min(float(bg_rate[k]), float(obj_rate[k]))
+        others = torch.cat([rate[:k], rate[k + 1:]])
+        off_max = float(others.max())
+        verdict = _verdict(on, off_max, hold, off, reach=max(float(bg_rate[k]), float(obj_rate[k])))
+        detail = ("also fires at patch " + ", ".join(v for v, x in zip(values, rate.tolist()) if v != value and x > off)
+                  if off_max > off else "")
+        if on < hold and verdict != "does not hold":
+            only = "background" if bg_rate[k] > obj_rate[k] else "an object"
+            detail = "; ".join(x for x in (detail, f"only when the patch shows {only}") if x)
+    else:
+        raise InputError(f"judge_patch reads 'patch=k' or 'background', got {explanation!r}")
+    return Verification(feature, explanation, values, response.float(), rate, threshold, verdict, detail)
+
+
+def object_values() -> tuple[str, ...]:
+    """The values `judge_object` sees, attribute-major: "colour=red", ..., "cell=8"."""
+    return tuple(f"{a}={v}" for a in OBJECT_ATTRIBUTES for v in VALUES[a])
+
+
+def patch_variants(bases: Sequence[Scene]) -> list[Scene]:
+    """Every base with its object in each cell, then empty, base-major (base * (cells + 1) + variant)."""
+    cells = controlled_scenes("cell", bases)
+    n = len(VALUES["cell"])
+    return [s for i, e in enumerate(empty_scenes(bases)) for s in (*cells[i * n:(i + 1) * n], e)]
+
+
+def _column(i: int, t: torch.Tensor) -> torch.Tensor:
+    """Feature i of (..., feature), or the only one when one map serves every explanation."""
+    return t[..., i if t.shape[-1] > 1 else 0]
 
 
 def verify(feature: FeatureFn, explanation: str, n_bases: int = 24, seed: int = 0, name: str = "feature",
@@ -159,14 +268,33 @@ def verify(feature: FeatureFn, explanation: str, n_bases: int = 24, seed: int = 
 def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int = 24, seed: int = 0,
                 names: Sequence[str] | None = None, **judge_kwargs) -> list[Verification]:
     """Verify many features at once: `features(images)` returns (n, rows, cols, feature), or (n, rows,
-    cols) when one explanation is given; scenes are generated and run once per attribute."""
+    cols) when one explanation is given; scenes are generated and run once per attribute. "object" is
+    tested on every object attribute and on empty scenes, "patch=k" and "background" patch by patch."""
     bases = base_scenes(n_bases, seed)
     names = list(names) if names is not None else [str(i) for i in range(len(explanations))]
-    attrs = {parse(e)[0] for e in explanations}
-    measured = {}
-    for a in sorted(attrs):
-        r = responses(features, controlled_scenes(a, bases))  # (scene[, feature])
-        r = r[:, None] if r.dim() == 1 else r
-        measured[a] = r.view(n_bases, len(VALUES[a]), -1)  # (base, value, feature)
-    return [judge(measured[parse(e)[0]][..., i if measured[parse(e)[0]].shape[-1] > 1 else 0], e, bases, n,
-                  **judge_kwargs) for i, (e, n) in enumerate(zip(explanations, names))]
+    kinds = {parse(e)[0] for e in explanations}
+    attrs = ({a for a in kinds if a in VALUES and a != "patch"}
+             | (set(OBJECT_ATTRIBUTES) if "object" in kinds else set()))
+
+    def run(scenes):
+        r = patch_responses(features, scenes)
+        return r[..., None] if r.dim() == 3 else r  # (scene, rows, cols, feature)
+
+    measured = {a: run(controlled_scenes(a, bases)).flatten(1, 2).amax(1).view(n_bases, len(VALUES[a]), -1)
+                for a in sorted(attrs)}  # (base, value, feature)
+    empty = run(empty_scenes(bases)).flatten(1, 2).amax(1) if "object" in kinds else None  # (base, feature)
+    grids = None
+    if kinds & {"patch", "background"}:
+        g = run(patch_variants(bases))
+        grids = g.view(n_bases, len(VALUES["cell"]) + 1, *g.shape[1:])  # (base, variant, rows, cols, feature)
+    out = []
+    for i, (e, n) in enumerate(zip(explanations, names)):
+        attr = parse(e)[0]
+        if attr == "object":
+            r = torch.cat([_column(i, measured[a]) for a in OBJECT_ATTRIBUTES], 1)  # (base, value)
+            out.append(judge_object(r, _column(i, empty), n, **judge_kwargs))
+        elif attr in ("patch", "background"):
+            out.append(judge_patch(_column(i, grids), e, n, **judge_kwargs))
+        else:
+            out.append(judge(_column(i, measured[attr]), e, bases, n, **judge_kwargs))
+    return out
