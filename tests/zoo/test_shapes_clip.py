@@ -76,6 +76,45 @@ def test_texts_match_by_ground_truth_and_hard_negatives_differ():
     assert torch.isfinite(loss) and loss.item() > 0
 
 
+def test_background_in_partial_texts_matches_by_domain():
+    from dataclasses import replace
+
+    one = place(np.random.default_rng(0), [("circle", "red")], domain="noisy")
+    t = sc.describe({"colour": "red", "background": "noisy"})
+    assert t.text == "a red object on a noisy background ."  # the phrase as the full caption ends
+    assert t.matches(one) and not t.matches(replace(one, domain="plain"))
+    texts = [sc._partial(np.random.default_rng(i), one, 0.0, (0.5, 0.5, 0.5, 0.5, 0.0), (1,) * 6)[0].text
+             for i in range(40)]
+    assert not any("background" in x for x in texts)  # keep_p 0: never mentioned (the shipped recipe)
+    texts = [sc._partial(np.random.default_rng(i), one, 0.0, (0.5,) * 5, (1,) * 6)[0].text for i in range(40)]
+    assert any("background" in x for x in texts)
+
+
+def test_twins_differ_only_in_position_or_background_and_say_so():
+    b = sc.contrastive_batch(np.random.default_rng(3), 32, single=1.0, twins=1.0)
+    own = b.match[:, :32]  # (image, image's own text): pairs (0, 1), (2, 3), ... tell each other apart
+    assert own.diagonal().all() and not own[::2, 1::2].diagonal().any() and not own[1::2, ::2].diagonal().any()
+    rng = np.random.default_rng(4)
+    seen = {"position": 0, "background": 0}
+    for _ in range(200):
+        s = place(rng, [("circle", "red")])
+        twin = sc.swap_one(rng, s, (0, 0, 0, 1, 1))
+        kind = "background" if twin.domain != s.domain else "position"
+        assert (twin.domain != s.domain) != (twin.objects[0].cell != s.objects[0].cell)  # exactly one differs
+        assert twin.objects[0].shape == s.objects[0].shape and twin.objects[0].colour == s.objects[0].colour
+        (ta, ha), (tb, _) = (sc._partial(rng, x, 0.25, (0.5,) * 5, (1,) * 6, kind) for x in (s, twin))
+        assert ta.matches(s) and not ta.matches(twin) and tb.matches(twin) and not ha.matches(s)
+        seen[kind] += 1
+    assert min(seen.values()) > 50
+
+
+def test_position_init_is_redrawn_and_nothing_else():
+    a, b = sc.build_model(0), sc.build_model(0, pos_std=0.5)
+    key = "vision_model.embeddings.position_embedding.weight"
+    assert abs(float(b.state_dict()[key].std()) - 0.5) < 0.05 and float(a.state_dict()[key].std()) < 0.03
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items() if k != key)
+
+
 TINY = train_clip.ClipConfig(steps=6, replan=None, batch_size=8, warmup=2, snapshots=(0, 2, 4), eval_every=3,
                              eval_n=20, save_every=2)
 
@@ -110,6 +149,23 @@ def test_a_finished_run_extended_by_replan_equals_one_run_of_the_whole_plan(tmp_
     train_clip.train(tmp_path / "b", whole, progress_bar=False)
     a, b = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("a", "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_replan_extends_a_finished_run_as_one_run_of_the_chain(tmp_path):
+    from dataclasses import replace
+
+    from vlmscope.zoo.recipes import lr_at
+
+    once = replace(TINY, steps=4, snapshots=(0, 2), replan=(4, 6))
+    twice = replace(once, replan=((4, 6), (6, 8)))
+    a, b = train_clip._stage(once), train_clip._stage(twice)
+    assert b.total == 8 and [lr_at(a, i) for i in range(6)] == [lr_at(b, i) for i in range(6)]
+    assert lr_at(b, 6) > lr_at(a, 5)  # the learning rate goes back up at the second re-plan
+    train_clip.train(tmp_path / "a", once, progress_bar=False)
+    assert train_clip.train(tmp_path / "a", twice, progress_bar=False).step == 8
+    train_clip.train(tmp_path / "b", twice, progress_bar=False)
+    wa, wb = (load_file(str(tmp_path / r / "final" / "model.safetensors")) for r in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ---- the shipped model --------------------------------------------------------------------------
@@ -169,7 +225,8 @@ def test_cli_eval_json_and_list(capsys):
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == NAME and out["n"] == 100
-    assert set(out["accuracy"]) == {"colour", "shape", "retrieval_i2t", "retrieval_t2i", "hard_negative"}
+    assert set(out["accuracy"]) == {"colour", "shape", "position", "background", "retrieval_i2t", "retrieval_t2i",
+                                    "hard_negative"}
     args = parser.parse_args(["zoo", "list"])
     assert args.func(args) == 0
     assert any(line.startswith(NAME) and "CLIPModel" in line for line in capsys.readouterr().out.splitlines())

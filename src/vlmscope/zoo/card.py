@@ -182,12 +182,36 @@ CLIP_LIMITS = [
     "Trained and evaluated only on the synthetic shapes world (72-px images, 3x3 grid, 1-4 objects); it"
     " knows only the world's words, and any other word is <unk>.",
     "Zero-shot prompts are in the training distribution: one-object scenes were described by random"
-    " attribute subsets (\"a red object\", \"a circle\", \"a small blue square at center\"), so \"zero-shot\""
+    " attribute subsets and backgrounds (\"a red object\", \"a circle\", \"a small blue square at center\","
+    " \"a object on a noisy background .\"), so \"zero-shot\""
     " means classification by text prompts, not transfer to unseen phrasings.",
     "Texts must end with <|endoftext|> (the processor appends it): CLIP pools the text at that token.",
     "The image must be 72 x 72 with one object per 24-px cell: the 9 patches are the 9 cells.",
     "Intermediate checkpoints are fp16; the final weights are fp32.",
 ]
+
+
+def _replans(replan) -> list[tuple[int, int]]:
+    """A recipe's re-plans as (at, total) pairs: none, one pair or a list of pairs (Stage.replan)."""
+    if not replan:
+        return []
+    return [tuple(replan)] if isinstance(replan[0], int) else [tuple(r) for r in replan]
+
+
+def _clip_mix_extras(config: dict) -> str:
+    """The shapes-clip recipe's departures from its first version (absent from older configs)."""
+    keep, swaps = config.get("keep_p", [0.5] * 4), config.get("swaps", [1] * 6)
+    names = ("size", "colour", "shape", "position", "background")
+    out = ["mentioned in partial texts with P = " + ", ".join(f"{k} {p}" for k, p in zip(names, keep, strict=False))]
+    if len(set(swaps)) > 1:
+        out.append("hard-negative weights " + ", ".join(f"{k} {w}" for k, w in zip(
+            ("colour", "shape", "size", "position", "background", "binding"), swaps, strict=True)))
+    if config.get("twins"):
+        out.append(f"{config['twins']:.0%} of one-object scenes followed by a twin with the object moved or the"
+                   " background changed")
+    if config.get("pos_std") is not None:
+        out.append(f"vision position embeddings initialised with std {config['pos_std']}")
+    return "; " + "; ".join(out)
 
 
 def shapes_clip_card(model, training: dict, config: dict, metrics: dict[str, float], seed: int, n: int,
@@ -222,7 +246,7 @@ def shapes_clip_card(model, training: dict, config: dict, metrics: dict[str, flo
                             f" ({config['full_p']:.0%} by the full caption), the rest 2-4 objects with full"
                             " captions; every text has a hard negative changing one attribute (colour, shape,"
                             " size, position, background, or two objects' colours swapped); soft targets over"
-                            " every matching (image, text) pair",
+                            " every matching (image, text) pair" + _clip_mix_extras(config),
         },
         "recipe": {"seed": config["seed"], "steps": config["steps"], "batch_size": config["batch_size"],
                    "lr": config["lr"], "warmup": config["warmup"], "floor": config["floor"],
@@ -263,7 +287,7 @@ def render_clip_card_md(card: dict) -> str:
         "## Recipe (contrastive, one stage)",
         f"- {r['steps']} steps, batch {r['batch_size']} images (+ {r['batch_size']} hard-negative texts), "
         f"AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine to {r['floor']} x peak"
-        + (f"; from step {r['replan'][0]} re-planned to end at {r['replan'][1]}" if r.get("replan") else "")
+        + "".join(f"; from step {at} re-planned to end at {total}" for at, total in _replans(r.get("replan")))
         + f"), betas {r['betas']}, "
         f"weight decay {r['weight_decay']}, grad-clip {r['grad_clip']}.",
         f"- Train from scratch: `{r['command']}`.",
@@ -271,7 +295,8 @@ def render_clip_card_md(card: dict) -> str:
         "## Training",
         f"{t['final_step']} steps in {t['seconds'] / 60:.1f} min on {t['hardware']}.", "",
         f"## Accuracy ({card['accuracy']['n']} fresh scenes per metric, seed {card['accuracy']['seed']})", "",
-        "Zero-shot: one-object scenes, arg-max over \"a {colour} object\" / \"a {shape}\" prompts. Retrieval:"
+        "Zero-shot: one-object scenes, arg-max over \"a {colour} object\" / \"a {shape}\" / \"a object at"
+        " {position}\" / \"a object on a {background} background .\" prompts (chance 1/6, 1/5, 1/9, 1/3). Retrieval:"
         " 2-4-object scenes, top-1 within pools of 100 captions; hard_negative: the true caption beats a"
         " one-attribute swap.", "",
         *_table(list(m), [[f"{val:.3f}" for val in m.values()]]),

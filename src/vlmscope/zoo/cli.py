@@ -13,8 +13,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     zoo = subparsers.add_parser("zoo", help="the built-in trained models")
     sub = zoo.add_subparsers(dest="zoo_command", required=True)
     sub.add_parser("list", help="names, classes, sizes, accuracies").set_defaults(func=cmd_list)
-    ev = sub.add_parser("eval", help="accuracy per question family (shapes-clip: zero-shot colour / shape"
-                        " and caption retrieval) on fresh examples of a seed")
+    ev = sub.add_parser("eval", help="accuracy per question family (shapes-clip: zero-shot colour / shape /"
+                        " position / background and caption retrieval) on fresh examples of a seed")
     ev.add_argument("name")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--n", type=int, default=600)

@@ -39,7 +39,8 @@ def accuracy(model: torch.nn.Module, examples: list[Example], batch_size: int = 
 
 def evaluate(name_or_model, seed: int, n: int, step: int | None = None) -> dict[str, float]:
     """Per-family accuracy on n fresh standard examples of `seed` (families in turn, n // 6 each); for
-    a dual encoder (shapes-clip) zero-shot colour / shape and caption retrieval (shapes_clip.evaluate).
+    a dual encoder (shapes-clip) zero-shot colour / shape / position / background and caption retrieval
+    (shapes_clip.evaluate).
     name_or_model: a zoo name (`step` picks a checkpoint), a transformers model, or a vlmscope VLM."""
     if isinstance(name_or_model, str):
         from vlmscope.zoo.registry import load_hf

@@ -30,13 +30,21 @@ class Stage:
     floor: float = 0.0  # final lr as a fraction of the peak (cosine)
     snapshots: tuple[int, ...] = ()  # steps within the stage; the stage's last step is always kept
     # (at, total): from step `at` on, the cosine is re-planned to end at `total` steps instead of
-    # `steps` (the shipped model's schedule: its relation questions needed the learning rate back up)
-    replan: tuple[int, int] | None = None
+    # `steps` (the shipped model's schedule: its relation questions needed the learning rate back up);
+    # several re-plans are a tuple of such pairs, in order
+    replan: tuple[int, int] | tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def replans(self) -> tuple[tuple[int, int], ...]:
+        """The re-plans as (at, total) pairs, in order (none: empty)."""
+        if not self.replan:
+            return ()
+        return (tuple(self.replan),) if isinstance(self.replan[0], int) else tuple(tuple(r) for r in self.replan)
 
     @property
     def total(self) -> int:
         """Steps the stage runs (unless early stopping ends it first)."""
-        return self.replan[1] if self.replan else self.steps
+        return self.replans[-1][1] if self.replan else self.steps
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,10 @@ def lr_at(stage: Stage, step: int) -> float:
     """Linear warm-up, then cosine from the peak down to floor * peak at the stage's last step."""
     if step < stage.warmup:
         return stage.lr * (step + 1) / stage.warmup
-    horizon = stage.steps if stage.replan is None or step < stage.replan[0] else stage.replan[1]
+    horizon = stage.steps
+    for at, total in stage.replans:
+        if step >= at:
+            horizon = total
     t = (step - stage.warmup) / max(1, horizon - stage.warmup)
     return stage.lr * (stage.floor + (1 - stage.floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 

@@ -4,10 +4,17 @@ cell, as in shapes-llava), a CLIP text tower 64 x 2 layers over the world's word
 
 Training is contrastive on fresh scenes every step. Each image gets one text: a full caption
 ("a large red circle at top-left and ... on a plain background .") or, for one-object scenes, a
-partial description ("a red object", "a circle", "a small blue square at center"); each text also
-gets a hard negative that changes one attribute (colour, shape, size, position, background, or swaps
-two objects' colours). Because partial descriptions are true of many images, the loss uses soft
-targets over every (image, text) pair that matches by ground truth, not only the diagonal.
+partial description ("a red object", "a circle", "a small blue square at center", and with `keep_p`
+for background "a object on a noisy background ."); each text also gets a hard negative that changes
+one attribute (colour, shape, size, position, background, or swaps two objects' colours; `swaps`
+weighs the kinds).
+Because partial descriptions are true of many images, the loss uses soft targets over every (image,
+text) pair that matches by ground truth, not only the diagonal.
+
+Position needs more than texts, at initialisation: with transformers' position embeddings (std 0.02,
+small beside a patch's content) the CLS cannot tell which patch holds the object, the text tower
+erases the position words in the first few hundred steps, and neither side recovers (the shipped
+model). `build_model(seed, pos_std=0.5)` draws them at a patch's scale (`train_clip.POSITION_RECIPE`).
 
 Text: the world's word-level tokenizer plus one end token `<|endoftext|>` with the highest id, as in
 CLIP: `CLIPTextModel` pools at the first `eos_token_id`, and the world's `</s>` has id 2, which
@@ -18,7 +25,7 @@ Training: train_clip.py (`vlmscope zoo train shapes-clip --out runs/shapes-clip`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -38,7 +45,7 @@ from vlmscope.data.questions import caption
 from vlmscope.data.render import render
 from vlmscope.data.scene import CELL, IMAGE_SIZE, Scene, place, random_attrs
 from vlmscope.data.tokenizer import IMAGE_MEAN, IMAGE_STD, pad_right, pixel_values, vocabulary
-from vlmscope.data.vocab import COLOURS, GRID, POSITIONS, SHAPES, SIZES
+from vlmscope.data.vocab import COLOURS, DOMAINS, GRID, POSITIONS, SHAPES, SIZES
 
 NAME = "shapes-clip"
 EOT = "<|endoftext|>"
@@ -66,10 +73,14 @@ def build_config() -> CLIPConfig:
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64)
 
 
-def build_model(seed: int) -> CLIPModel:
-    """A freshly initialised shapes-clip (deterministic for the seed)."""
+def build_model(seed: int, pos_std: float | None = None) -> CLIPModel:
+    """A freshly initialised shapes-clip (deterministic for the seed); `pos_std` re-draws the vision
+    tower's position embeddings with that standard deviation (transformers' default is 0.02)."""
     torch.manual_seed(seed)
-    return CLIPModel(build_config()).eval()
+    model = CLIPModel(build_config()).eval()
+    if pos_std is not None:
+        torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=pos_std)
+    return model
 
 
 def build_clip_tokenizer() -> PreTrainedTokenizerFast:
@@ -100,13 +111,14 @@ def encode_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ---- texts with ground truth -------------------------------------------------------------------
 
-ATTRS = ("size", "colour", "shape", "position")
+ATTRS = ("size", "colour", "shape", "position", "background")
+SWAP_OF = {"size": "size", "colour": "colour", "shape": "shape", "position": "position", "background": "domain"}
 
 
 @dataclass(frozen=True)
 class Text:
     """A description and what it claims: a full caption (`full`) or the attributes of a scene's only
-    object (`attrs`, e.g. {"colour": "red"})."""
+    object and its background (`attrs`, e.g. {"colour": "red", "background": "noisy"})."""
 
     text: str
     full: str | None = None
@@ -116,13 +128,16 @@ class Text:
         if self.full is not None:
             return caption(scene) == self.full
         o = scene.objects
-        return len(o) == 1 and all(getattr(o[0], k) == v for k, v in self.attrs)
+        return len(o) == 1 and all((scene.domain if k == "background" else getattr(o[0], k)) == v
+                                   for k, v in self.attrs)
 
 
 def describe(attrs: dict[str, str]) -> Text:
-    """ "a [size] [colour] shape|object [at position]" for a one-object scene's attributes."""
+    """ "a [size] [colour] shape|object [at position] [on a background background .]" for a one-object
+    scene's attributes (the background phrase as the full caption ends)."""
     words = ["a", *(attrs[k] for k in ("size", "colour") if k in attrs), attrs.get("shape", "object")]
     words += ["at", attrs["position"]] if "position" in attrs else []
+    words += ["on", "a", attrs["background"], "background", "."] if "background" in attrs else []
     return Text(" ".join(words), attrs=tuple(sorted(attrs.items())))
 
 
@@ -163,27 +178,35 @@ def swap_one(rng: np.random.Generator, scene: Scene, weights: tuple[float, ...] 
         return scene.with_object(i, cell=cell, x=o.x + (cell % GRID - o.col) * CELL,
                                  y=o.y + (cell // GRID - o.row) * CELL)
     if kind == "domain":
-        from dataclasses import replace
-
-        from vlmscope.data.vocab import DOMAINS
-
         return replace(scene, domain=_other(rng, DOMAINS, scene.domain))
     j = int(rng.choice([k for k, p in enumerate(objs) if p.colour != o.colour]))
     return scene.with_object(i, colour=objs[j].colour).with_object(j, colour=o.colour)
 
 
 def _partial(rng: np.random.Generator, scene: Scene, full_p: float, keep_p: tuple[float, ...],
-             swaps: tuple[float, ...]) -> tuple[Text, Text]:
+             swaps: tuple[float, ...], must: str | None = None) -> tuple[Text, Text]:
     """A one-object scene's description (a random subset of ATTRS, each kept with its `keep_p`, or the
-    full caption) and its hard negative (one mentioned attribute changed)."""
-    if rng.random() < full_p:
+    full caption) and its hard negative (one mentioned attribute changed, picked with the `swaps` weight
+    of its kind); `must`: an attribute always mentioned and the one changed (a twin's difference). An
+    attribute with `keep_p` 0 draws no random number, so recipes without background in partial texts
+    see the same batches as before it could be mentioned."""
+    if must is None and rng.random() < full_p:
         return full_text(scene), full_text(swap_one(rng, scene, swaps))
     o = scene.objects[0]
-    have = {"size": o.size, "colour": o.colour, "shape": o.shape, "position": o.position}
-    keep = [k for k, p in zip(ATTRS, keep_p, strict=True) if rng.random() < p] or [ATTRS[1 + int(rng.integers(2))]]
+    have = {"size": o.size, "colour": o.colour, "shape": o.shape, "position": o.position, "background": scene.domain}
+    keep = ([k for k, p in zip(ATTRS, keep_p, strict=True) if p > 0 and rng.random() < p]
+            or [ATTRS[1 + int(rng.integers(2))]])
+    if must is not None:
+        keep = [a for a in ATTRS if a in keep or a == must]
     attrs = {k: have[k] for k in keep}
-    k = keep[int(rng.integers(len(keep)))]
-    values = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS}[k]
+    w = np.array([swaps[SWAPS.index(SWAP_OF[a])] for a in keep], dtype=float)
+    if must is not None:
+        k = must
+    elif len(set(w)) == 1:
+        k = keep[int(rng.integers(len(keep)))]
+    else:
+        k = keep[int(rng.choice(len(keep), p=w / w.sum()))]
+    values = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": DOMAINS}[k]
     return describe(attrs), describe({**attrs, k: _other(rng, values, attrs[k])})
 
 
@@ -196,24 +219,34 @@ class Batch:
 
 
 def contrastive_batch(rng: np.random.Generator, n: int, single: float = 0.4, full_p: float = 0.25,
-                      keep_p: tuple[float, ...] = (0.5,) * 4, swaps: tuple[float, ...] = (1,) * 6,
-                      focus: float = 0.0) -> Batch:
+                      keep_p: tuple[float, ...] = (0.5, 0.5, 0.5, 0.5, 0.0), swaps: tuple[float, ...] = (1,) * 6,
+                      focus: float = 0.0, twins: float = 0.0) -> Batch:
     """n fresh scenes (a `single` share with one object), their texts, hard negatives and matches.
     `focus`: the share of one-object scenes given the batch's one shared colour, so that only shape,
-    size and position tell them apart (colour alone would solve the batch otherwise)."""
+    size and position tell them apart (colour alone would solve the batch otherwise). `twins`: the
+    share of one-object scenes followed by a twin, the same scene with the object in another cell or on
+    another background (position and background swaps weighted as in `swaps`), both described with
+    that attribute: a pair of images that only it tells apart (hard negative images)."""
     shared = COLOURS[int(rng.integers(len(COLOURS)))] if focus > 0 else None
     scenes, pos, neg = [], [], []
-    for _ in range(n):
+    while len(scenes) < n:
         k = 1 if rng.random() < single else int(rng.integers(2, 5))
         attrs = random_attrs(rng, k)
         if k == 1 and focus > 0 and rng.random() < focus:
             attrs = [(attrs[0][0], shared)]
         s = place(rng, attrs)
-        t, h = (_partial(rng, s, full_p, keep_p, swaps) if k == 1
-                else (full_text(s), full_text(swap_one(rng, s, swaps))))
-        scenes.append(s)
-        pos.append(t)
-        neg.append(h)
+        if k == 1 and twins > 0 and len(scenes) < n - 1 and rng.random() < twins:
+            twin = swap_one(rng, s, (0, 0, 0, swaps[3], swaps[4]))
+            must = "background" if twin.domain != s.domain else "position"
+            pairs = [(x, _partial(rng, x, full_p, keep_p, swaps, must)) for x in (s, twin)]
+        elif k == 1:
+            pairs = [(s, _partial(rng, s, full_p, keep_p, swaps))]
+        else:
+            pairs = [(s, (full_text(s), full_text(swap_one(rng, s, swaps))))]
+        for x, (t, h) in pairs:
+            scenes.append(x)
+            pos.append(t)
+            neg.append(h)
     texts = pos + neg
     match = torch.tensor([[t.matches(s) for t in texts] for s in scenes])
     ids, mask = encode_texts([t.text for t in texts])
@@ -250,17 +283,22 @@ def _embed(model: CLIPModel, images: list[np.ndarray] | None = None, texts: list
     return F.normalize(e, dim=-1)  # (batch, projection_dim)
 
 
+ZERO_SHOT = {"colour": (COLOURS, "a {} object"), "shape": (SHAPES, "a {}"), "position": (POSITIONS, "a object at {}"),
+             "background": (DOMAINS, "a object on a {} background .")}
+
+
 def zero_shot(model: CLIPModel, seed: int, n: int) -> dict[str, float]:
-    """Accuracy on n fresh one-object scenes: colour among "a {colour} object" prompts, shape among
-    "a {shape}" prompts (arg-max cosine similarity)."""
+    """Accuracy on n fresh one-object scenes, by arg-max cosine similarity among one prompt per value
+    (ZERO_SHOT): colour "a {colour} object", shape "a {shape}", position "a object at {position}",
+    background "a object on a {background} background ." (chance 1/6, 1/5, 1/9, 1/3)."""
     rng = np.random.default_rng([seed, 1])
     scenes = [place(rng, random_attrs(rng, 1)) for _ in range(n)]
     img = torch.cat([_embed(model, images=[render(s) for s in scenes[i: i + 200]]) for i in range(0, n, 200)])
     out = {}
-    for attr, values, template in (("colour", COLOURS, "a {} object"), ("shape", SHAPES, "a {}")):
+    for attr, (values, template) in ZERO_SHOT.items():
         txt = _embed(model, texts=[template.format(v) for v in values])
         pred = (img @ txt.T).argmax(1).tolist()
-        truth = [getattr(s.objects[0], attr) for s in scenes]
+        truth = [s.domain if attr == "background" else getattr(s.objects[0], attr) for s in scenes]
         out[attr] = float(np.mean([values[p] == t for p, t in zip(pred, truth, strict=True)]))
     return out
 
@@ -287,7 +325,8 @@ def retrieval(model: CLIPModel, seed: int, n: int, pool: int = 100, negatives: i
 
 
 def evaluate(model: CLIPModel, seed: int, n: int) -> dict[str, float]:
-    """Zero-shot colour and shape on n one-object scenes and retrieval on n multi-object scenes."""
+    """Zero-shot colour, shape, position and background on n one-object scenes and retrieval on n
+    multi-object scenes."""
     was = model.training
     model.eval()
     out = zero_shot(model, seed, n) | retrieval(model, seed, n)
