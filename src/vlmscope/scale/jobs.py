@@ -3,7 +3,8 @@ real model they are measured (measure.py); run on the meta device they are the p
 
 - cache: `run_with_cache` of the sites on the batch, the cache kept on the model's device.
 - patch: `patch_sweep` with the batch as its pairs, each forward carrying `sweep_batch` rows of
-  patched copies (prefix reuse off: every forward reruns the whole sequence, the worst case).
+  patched copies (prefix reuse and identity skipping off: every forward reruns the whole sequence,
+  the worst case; the pairs are the inputs patched into themselves).
 - atp: `attribution_patching` on the batch (a forward and backward, then a cached forward), one
   position group ("all": the per-position bookkeeping is small and slow to plan).
 - sae: the batch's rows of one site (the forward that feeds a trainer), then `sae_steps` steps of
@@ -80,7 +81,7 @@ def patch(vlm, inputs: Mapping[str, Any], job: Job, tracker=None):
     # two forwards' worth of jobs: a later forward also holds the output of the one before
     groups = [[i] for i in range(math.ceil(2 * per_forward / len(sites)))]
     return patch_sweep(vlm, inputs, inputs, _metric(), sites=sites, positions=groups,
-                       batch_size=job.sweep_batch, prefix_reuse=False)
+                       batch_size=job.sweep_batch, prefix_reuse=False, skip_unchanged=False)
 
 
 def atp(vlm, inputs: Mapping[str, Any], job: Job, tracker=None):
