@@ -144,7 +144,7 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
         site = s["site"]
     else:
         sae, site = shared["sae"]
-    explained, scores = explain_sae_features(vlm, sae, site, n_features=30, n=200, seed=seed)
+    explained, scores = explain_sae_features(vlm, sae, site, n_features=50, n=200, seed=seed)  # the top 50
     explained.save(folder / "features")
     explained.plot().savefig(folder / "figure-verification.png", dpi=110)
     # word matching: the answer words each of the last LM block's first neurons writes (unembedding)
