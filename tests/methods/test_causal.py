@@ -29,10 +29,10 @@ def test_prefix_reuse_is_taken_and_exact(setup):
     _, m, clean, corrupt = setup
     runner = _SuffixRunner.make(m, corrupt, [])
     assert runner is not None
-    # the last block's query / output projections, MLP and the unembedding run at the read position only
+    # the last block's query / output projections, attention, MLP and the unembedding run at the read position
     last = f"lm.blocks.{m.n_layers('lm') - 1}"
     assert runner.trimmed == [m.site(f"{last}.{s}").module for s in ("attn.q", "attn.z", "mlp.out")]
-    assert runner.logits_to_keep
+    assert runner.logits_to_keep and runner.one_query == m.site(f"{last}.attn.pattern").module  # one query there
     # sites inside the trimmed modules (attn.z, mlp.post, attn.q) take the untrimmed path
     sites = ["lm.embed", "lm.blocks.*.resid_mid", "lm.blocks.*.attn.z", "lm.blocks.*.mlp.post", "lm.blocks.*.attn.q",
              "lm.blocks.*.resid_post"]

@@ -171,3 +171,29 @@ def test_cache_keeps_only_chosen_positions_and_patches_from_them(llava):
     out = m.run(b, [vs.patch("lm.blocks.0.resid_post", last32)])
     ref = m.run(b, [vs.patch("lm.blocks.0.resid_post", full, positions="last")])
     assert torch.equal(out.logits, ref.logits)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_one_query_attention_equals_the_full_attention_at_that_query(impl, padded):
+    """AttnEdit(queries=...) computes one query per row (the patching sweep's last block): at that
+    query the head outputs equal the full attention's, under sdpa and eager, with and without a mask."""
+    from vlmscope.model.attention import AttnEdit, override
+
+    model = T.tiny_llava()
+    model.set_attn_implementation(impl)
+    m = vs.load(model)
+    x = T.llava_inputs(model, batch=2, seed=3)
+    at = torch.tensor([x["input_ids"].shape[1] - 1, x["input_ids"].shape[1] - 3])
+    if padded:
+        x["attention_mask"] = x["attention_mask"].clone()
+        x["attention_mask"][1, -2:] = 0  # row 1 ends two tokens early: its keys past `at` are masked
+    site = "lm.blocks.1.attn.z"
+    _, full = m.run_with_cache(x, site)
+    with override({model.get_submodule(m.site("lm.blocks.1.attn.pattern").module): AttnEdit(queries=at)}):
+        _, one = m.run_with_cache(x, site)
+    rows = torch.arange(2)
+    torch.testing.assert_close(one[site][rows, at], full[site][rows, at], atol=1e-6, rtol=1e-5)
+    others = torch.ones(one[site].shape[:2], dtype=torch.bool)
+    others[rows, at] = False
+    assert (one[site][others] == 0).all()

@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 import torch
 
-from vlmscope.errors import InputError
+from vlmscope.errors import InputError, UnsupportedModelError
 from vlmscope.methods.corruptions import check_same_layout
 from vlmscope.methods.metrics import Metric, last_logits, metric_name, normalise
+from vlmscope.model import attention
+from vlmscope.model.attention import AttnEdit
 from vlmscope.model.interventions import Intervention, Patch, patch
 from vlmscope.model.positions import IMAGE, Positions
 from vlmscope.results import Result, long_frame
@@ -290,6 +292,7 @@ class _SuffixRunner:
         b = f"lm.blocks.{n_layers - 1}"
         self.trimmed = [vlm.site(s).module for s in (f"{b}.attn.q", f"{b}.attn.z", f"{b}.mlp.out")
                         if s in vlm.site_table]
+        self.one_query = vlm.site(f"{b}.attn.pattern").module if f"{b}.attn.pattern" in vlm.site_table else None
         self.logits_to_keep = True
 
     @classmethod
@@ -314,8 +317,9 @@ class _SuffixRunner:
         # blocks can be skipped only if they return the residual itself (not a tuple)
         skip = isinstance(cache["lm.blocks.0.resid_post"], torch.Tensor) and n > 1
         runner = cls(vlm, base, cache, kv, last, n, skip)
-        trims = [("trimmed", [path]) for path in runner.trimmed] + [("logits_to_keep", True)]
-        runner.trimmed, runner.logits_to_keep = [], False
+        trims = [("trimmed", [path]) for path in runner.trimmed] + [("logits_to_keep", True),
+                                                                    ("one_query", runner.one_query)]
+        runner.trimmed, runner.logits_to_keep, runner.one_query = [], False, None
         try:  # a model whose positions do not follow the cache (e.g. multimodal RoPE) fails here
             if skip and not torch.allclose(runner._logits(p, 1, [], n - 1), full, atol=1e-4, rtol=1e-4):
                 runner.skip_layers = False
@@ -328,7 +332,8 @@ class _SuffixRunner:
             setattr(runner, name, before + value if name == "trimmed" else value)
             try:
                 same = torch.allclose(runner._logits(p, 1, [], 0), full, atol=1e-4, rtol=1e-4)
-            except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError):
+            except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError,
+                    UnsupportedModelError):
                 same = False
             if not same:
                 setattr(runner, name, before)
@@ -368,7 +373,10 @@ class _SuffixRunner:
                 blocks[i] = _Skip()
             for owner, attr, module in swaps:
                 setattr(owner, attr, _AtPositions(module, last))
-            out = self.vlm.run(inputs, ivs, **kwargs)
+            one = {self.vlm.model.get_submodule(self.one_query): AttnEdit(queries=last)} if (
+                trim and self.one_query) else {}
+            with attention.override(one):
+                out = self.vlm.run(inputs, ivs, **kwargs)
         finally:
             for i, block in enumerate(kept_blocks):
                 blocks[i] = block
@@ -395,7 +403,8 @@ class _SuffixRunner:
 
     def _needs_all_positions(self, site: str) -> bool:
         module = self.vlm.site(site).module
-        return site == "lm.logits" or any(module == t or module.startswith(t + ".") for t in self.trimmed)
+        cut = [*self.trimmed, *([self.one_query] if self.one_query else [])]
+        return site == "lm.logits" or any(module == t or module.startswith(t + ".") for t in cut)
 
 
 def _site_of(iv) -> str | None:

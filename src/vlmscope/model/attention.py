@@ -10,6 +10,8 @@ modules through a wrapper and restores the table on exit:
 - pattern writes: the head outputs are recomputed as pattern @ values.
 - knockout: the mask handed to the implementation blocks the chosen (query, key) edges, so it
   works with sdpa and eager alike.
+- one query per row (`AttnEdit.queries`): only those queries are computed, against every key;
+  the other positions' head outputs are zeros (for runs that read nothing downstream of them).
 - block-diagonal attention (a module that calls the attention function once per block of its
   input: packed images, attention windows): each call covers the next span of the module's
   sequence; knockout edges are cut to that span, and the pattern is read as the whole
@@ -41,6 +43,7 @@ class AttnEdit:
     seq: int | None = None  # length of the module's input sequence in the current call
     offset: int = 0  # where the next attention call starts within it (block-diagonal attention)
     blocks: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (start, pattern) read so far
+    queries: torch.Tensor | None = None  # (batch,) the one query per row to compute; others get zeros
 
     def begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the attention module: a new sequence starts."""
@@ -124,6 +127,21 @@ def knocked_mask(mask, knock: torch.Tensor, query, key, causal: bool, as_float: 
     return mask.expand(b, -1, tq, tk).masked_fill(knock, torch.finfo(mask.dtype).min)
 
 
+def _one_query(fallback, module, query, key, value, mask, queries, causal, args, kwargs):
+    """Attention for one query per row (the rest of the output is zeros): what a run that reads
+    only those positions downstream needs. The keys and values stay whole."""
+    b, _, tq, _ = query.shape
+    rows, at = torch.arange(b, device=query.device), queries.to(query.device)
+    if mask is None:
+        mask = float_mask(None, query, key, causal)  # (1, 1, tq, tk) or None
+    if mask is not None:
+        mask = mask.expand(b, -1, tq, -1)[rows, :, at].unsqueeze(2)  # (batch, 1 | heads, 1, tk)
+    out, _ = fallback(module, query[rows, :, at].unsqueeze(2), key, value, mask, *args, **kwargs)
+    full = out.new_zeros(b, tq, *out.shape[2:])  # (batch, query, heads, d_head)
+    full[rows, at] = out[:, 0]
+    return full, None
+
+
 def _wrapper(impl: str, original: Callable | None, edits: dict[int, AttnEdit]) -> Callable:
     eager = impl == "eager"
 
@@ -133,6 +151,8 @@ def _wrapper(impl: str, original: Callable | None, edits: dict[int, AttnEdit]) -
         if edit is None:
             return fallback(module, query, key, value, attention_mask, *args, **kwargs)
         causal = _causal(module, kwargs)
+        if edit.queries is not None:
+            return _one_query(fallback, module, query, key, value, attention_mask, edit.queries, causal, args, kwargs)
         span = edit.span(query.shape[-2])
         if edit.knock is not None:
             knock = edit.knock if span is None else edit.knock[:, span[0]:span[1], span[0]:span[1]]
