@@ -244,3 +244,25 @@ def test_vlmscope_load_wraps_it_and_hooked_equals_plain():
     out, cache = m.run_with_cache(inputs)
     assert torch.equal(out["logits_per_image"], ref) and len(cache) > 0
     assert "text.proj" in cache and "vision.blocks.0.resid_post" in cache
+
+
+def test_zoo_train_picks_the_position_recipe(monkeypatch, tmp_path):
+    """`vlmscope zoo train shapes-clip --recipe position` trains train_clip.POSITION_RECIPE; the
+    generative models have one recipe and refuse the flag."""
+    from dataclasses import replace
+
+    from vlmscope.errors import InputError
+    from vlmscope.zoo import train as train_mod
+    from vlmscope.zoo import train_clip
+
+    seen = []
+    monkeypatch.setattr(train_clip, "train", lambda out, cfg, halt_at=None: seen.append(cfg) or argparse.Namespace(
+        done=False, elapsed_s=0.0, accuracy={}))
+    parser = argparse.ArgumentParser()
+    train_mod.add_arguments(parser)
+    train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path), "--recipe", "position", "--seed", "3"]))
+    train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path)]))
+    assert seen[0] == replace(train_clip.POSITION_RECIPE, seed=3) and seen[0].replan[-1] == (11_000, 20_000)
+    assert seen[1] == train_clip.ClipConfig()
+    with pytest.raises(InputError, match="shapes-clip recipe"):
+        train_mod.run(parser.parse_args(["shapes-llava", "--out", str(tmp_path), "--recipe", "position"]))

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from vlmscope.data.batches import family_weights, qa_batch
 from vlmscope.data.sampling import standard_examples
 from vlmscope.data.tokenizer import layout_of
+from vlmscope.errors import InputError
 from vlmscope.zoo import checkpoint as ck
 from vlmscope.zoo.evaluate import accuracy
 from vlmscope.zoo.recipes import RECIPES, Recipe, Stage, TrainConfig, lr_at
@@ -185,6 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instruction-tuning steps, or shapes-clip's steps (default: the recipe's)")
     parser.add_argument("--halt-at", type=int, default=None,
                         help="stop before this global step, as a kill would (resume later, e.g. with other --steps)")
+    parser.add_argument("--recipe", choices=["shipped", "position"], default="shipped",
+                        help="shapes-clip only: the shipped recipe, or train_clip.POSITION_RECIPE (also learns "
+                             "position and background; 20,000 steps)")
 
 
 def run(args: argparse.Namespace) -> Progress:
@@ -192,6 +196,8 @@ def run(args: argparse.Namespace) -> Progress:
     torch.set_num_threads(1)
     if args.name == "shapes-clip":
         return _run_clip(args)
+    if getattr(args, "recipe", "shipped") != "shipped":
+        raise InputError(f"--recipe {args.recipe} is a shapes-clip recipe; {args.name} has one recipe")
     recipe = RECIPES[args.name]
     cfg = replace(recipe.config, seed=args.seed)
     if args.steps is not None:
@@ -206,7 +212,8 @@ def run(args: argparse.Namespace) -> Progress:
 def _run_clip(args: argparse.Namespace):
     from vlmscope.zoo import train_clip
 
-    cfg = train_clip.ClipConfig(seed=args.seed)
+    base = train_clip.POSITION_RECIPE if getattr(args, "recipe", "shipped") == "position" else train_clip.ClipConfig()
+    cfg = replace(base, seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps, replan=None,
                       snapshots=tuple(s for s in cfg.snapshots if s < args.steps))
