@@ -247,8 +247,8 @@ def test_vlmscope_load_wraps_it_and_hooked_equals_plain():
 
 
 def test_zoo_train_picks_the_position_recipe(monkeypatch, tmp_path):
-    """`vlmscope zoo train shapes-clip --recipe position` trains train_clip.POSITION_RECIPE; the
-    generative models have one recipe and refuse the flag."""
+    """`vlmscope zoo train shapes-clip` trains train_clip.POSITION_RECIPE (the shipped model's);
+    `--recipe v1` the first model's; the generative models have one recipe and refuse the flag."""
     from dataclasses import replace
 
     from vlmscope.errors import InputError
@@ -260,8 +260,8 @@ def test_zoo_train_picks_the_position_recipe(monkeypatch, tmp_path):
         done=False, elapsed_s=0.0, accuracy={}))
     parser = argparse.ArgumentParser()
     train_mod.add_arguments(parser)
-    train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path), "--recipe", "position", "--seed", "3"]))
-    train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path)]))
+    train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path), "--seed", "3"]))
+    train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path), "--recipe", "v1"]))
     assert seen[0] == replace(train_clip.POSITION_RECIPE, seed=3) and seen[0].replan[-1] == (11_000, 20_000)
     assert seen[1] == train_clip.ClipConfig()
     with pytest.raises(InputError, match="shapes-clip recipe"):

@@ -240,20 +240,26 @@ def _explain_reading(sc: dict) -> str:
     nan = float("nan")
     text = ""
     if "TEXTSPAN: colour heads" in sc:
-        g = {k: sc.get(f"TEXTSPAN {k}", nan) for k in ("colour heads, direct ablation: own evidence drop",
-                                                        "colour heads, direct ablation: other evidence drop",
-                                                        "shape heads, total ablation: own evidence drop",
-                                                        "shape heads, total ablation: other evidence drop")}
-        v = list(g.values())
+        attrs = ("colour", "shape", "size", "position", "background")
+        named = "; ".join(f"{a} {sc.get(f'TEXTSPAN: {a} heads', 'none')}" for a in attrs
+                          if f"TEXTSPAN: {a} heads" in sc)
+        drops = []
+        for a in attrs:
+            for mode in ("direct", "total"):
+                own = sc.get(f"TEXTSPAN {a} heads, {mode} ablation: own evidence drop")
+                other = sc.get(f"TEXTSPAN {a} heads, {mode} ablation: other evidence drop")
+                if own is not None and other is not None:
+                    drops.append(f"{a} {own:.0%} vs {other:.0%} ({mode})")
+                    break
+        unnamed = [a for a in attrs if sc.get(f"TEXTSPAN: {a} heads") == "none"
+                   and sc.get(f"TEXTSPAN: zero-shot {a} accuracy", 0) > 0.5]
         text += (f" TEXTSPAN (Gandelsman et al. 2024) names shapes-clip's vision heads by the texts that explain "
-                 f"their variance: colour {sc['TEXTSPAN: colour heads']}; shape {sc.get('TEXTSPAN: shape heads')}; "
-                 f"size {sc.get('TEXTSPAN: size heads')}. Mean-ablating the colour heads' direct contributions "
-                 f"removes {v[0]:.0%} of the colour evidence vs {v[1]:.0%} of the other attributes'; the shape heads "
-                 f"act through later layers (total ablation: {v[2]:.0%} vs {v[3]:.0%}). Position and background "
-                 "cannot be named: the text tower maps every position prompt to one point (smallest 1 − cos "
-                 f"{sc.get('TEXTSPAN: position texts, smallest 1 - cos', nan):.0e}) and zero-shot position accuracy is "
-                 f"{sc.get('TEXTSPAN: zero-shot position accuracy', nan):.2f} (chance 0.11): shapes-clip did not "
-                 "learn position.")
+                 f"their variance: {named}. Mean-ablating each attribute's heads removes this share of its own "
+                 f"zero-shot evidence vs the other attributes': {', '.join(drops) or 'no head named'}.")
+        if unnamed:
+            text += (f" {', '.join(unnamed).capitalize()} {'is' if len(unnamed) == 1 else 'are'} answered zero-shot "
+                     f"(≥ {min(sc[f'TEXTSPAN: zero-shot {a} accuracy'] for a in unnamed):.2f}) but no single head "
+                     "is named for it: the heads carry it together.")
     if "lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
         hits = ", ".join(f"{d} {sc.get(f'{d} neurons: own/other first block hit', nan):.1f}× / "
                          f"{sc.get(f'{d} neurons: own/other last block hit', nan):.1f}×"

@@ -186,9 +186,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instruction-tuning steps, or shapes-clip's steps (default: the recipe's)")
     parser.add_argument("--halt-at", type=int, default=None,
                         help="stop before this global step, as a kill would (resume later, e.g. with other --steps)")
-    parser.add_argument("--recipe", choices=["shipped", "position"], default="shipped",
-                        help="shapes-clip only: the shipped recipe, or train_clip.POSITION_RECIPE (also learns "
-                             "position and background; 20,000 steps)")
+    parser.add_argument("--recipe", choices=["position", "v1"], default=None,
+                        help="shapes-clip only: train_clip.POSITION_RECIPE (the shipped model's, the default) or "
+                             "the first model's ClipConfig() (7,000 steps; never learned position or background)")
 
 
 def run(args: argparse.Namespace) -> Progress:
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> Progress:
     torch.set_num_threads(1)
     if args.name == "shapes-clip":
         return _run_clip(args)
-    if getattr(args, "recipe", "shipped") != "shipped":
+    if getattr(args, "recipe", None) is not None:
         raise InputError(f"--recipe {args.recipe} is a shapes-clip recipe; {args.name} has one recipe")
     recipe = RECIPES[args.name]
     cfg = replace(recipe.config, seed=args.seed)
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> Progress:
 def _run_clip(args: argparse.Namespace):
     from vlmscope.zoo import train_clip
 
-    base = train_clip.POSITION_RECIPE if getattr(args, "recipe", "shipped") == "position" else train_clip.ClipConfig()
+    base = train_clip.ClipConfig() if getattr(args, "recipe", None) == "v1" else train_clip.POSITION_RECIPE
     cfg = replace(base, seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps, replan=None,
