@@ -24,10 +24,10 @@ def _last(out):
 
 
 def test_prefix_reuse_is_taken_and_exact(setup):
-    from vlmscope.methods.patching import _SuffixRunner
+    from vlmscope.methods.suffix import SuffixRunner
 
     _, m, clean, corrupt = setup
-    runner = _SuffixRunner.make(m, corrupt, [])
+    runner = SuffixRunner.make(m, corrupt, [])
     assert runner is not None
     # the last block's query / output projections, attention, MLP and the unembedding run at the read position
     last = f"lm.blocks.{m.n_layers('lm') - 1}"
@@ -45,14 +45,14 @@ def test_prefix_reuse_is_taken_and_exact(setup):
 def test_unchanged_patches_are_skipped_exactly(setup, monkeypatch):
     """STR changes one token: every patch before it writes the values the corrupt run already has,
     so its metric is the corrupt run's, taken without a forward."""
-    from vlmscope.methods import patching
+    from vlmscope.methods import suffix
 
     _, m, clean, corrupt = setup
     sites = ["vision.blocks.1.resid_post", "lm.blocks.*.resid_post", "lm.blocks.*.attn.z"]
     full = patch_sweep(m, clean, corrupt, METRIC, sites=sites, heads=False, skip_unchanged=False)
     ran = []
-    real = patching._SuffixRunner.run
-    monkeypatch.setattr(patching._SuffixRunner, "run", lambda self, chunk, *a: ran.append(len(chunk)) or real(
+    real = suffix.SuffixRunner.run
+    monkeypatch.setattr(suffix.SuffixRunner, "run", lambda self, chunk, *a: ran.append(len(chunk)) or real(
         self, chunk, *a))
     fast = patch_sweep(m, clean, corrupt, METRIC, sites=sites, heads=False)
     torch.testing.assert_close(fast.raw, full.raw, atol=1e-5, rtol=1e-5, equal_nan=True)

@@ -9,18 +9,16 @@ patches ride in one forward: each job (component x position group) owns rows of 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from vlmscope.errors import InputError, UnsupportedModelError
+from vlmscope.errors import InputError
 from vlmscope.methods.corruptions import check_same_layout
 from vlmscope.methods.metrics import Metric, last_logits, metric_name, normalise
-from vlmscope.model import attention
-from vlmscope.model.attention import AttnEdit
+from vlmscope.methods.suffix import SuffixRunner, first_position, job_mask, suffix_chunks
 from vlmscope.model.interventions import Intervention, Patch, patch
 from vlmscope.model.positions import IMAGE, Positions
 from vlmscope.results import Result, long_frame
@@ -174,7 +172,7 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
         _store(raw, [j for j, s in zip(jobs, same) if s], m_base.expand(sum(same), pairs))
         jobs = [j for j, s in zip(jobs, same) if not s]
     per_forward = max(1, batch_size // pairs)
-    suffix = _SuffixRunner.make(vlm, base, base_ivs) if prefix_reuse else None
+    suffix = SuffixRunner.make(vlm, base, base_ivs) if prefix_reuse else None
     plain_jobs = [j for j in jobs if suffix is None or not suffix.accepts(vlm.site(j[2]))]
     suffix_jobs = [j for j in jobs if suffix is not None and suffix.accepts(vlm.site(j[2]))]
     for start in range(0, len(plain_jobs), per_forward):
@@ -183,14 +181,14 @@ def patch_sweep(vlm, clean: Mapping[str, Any], corrupt: Mapping[str, Any], metri
         inputs = _tile(base, n)
         ivs: list[Intervention] = [_tiled(iv, n) for iv in base_ivs]
         for j, (_, _, site, head, mask) in enumerate(chunk):
-            ivs.append(patch(site, source, positions=_job_mask(mask, n, j), heads=None if head is None else [head]))
+            ivs.append(patch(site, source, positions=job_mask(mask, n, j), heads=None if head is None else [head]))
         out = vlm.run(inputs, ivs)
         _store(raw, chunk, _metric_of(vlm, out, inputs, metric).view(n, pairs))
     # suffix jobs by layer then position, latest first: each forward shares its skipped blocks
     # and a long reused prefix
-    suffix_jobs.sort(key=lambda j: (-(vlm.site(j[2]).layer or 0), -_first_position(j[4])))
-    for chunk in _suffix_chunks(vlm, suffix_jobs, per_forward, suffix.length if suffix else 0):
-        p0 = min(_first_position(j[4]) for j in chunk)
+    suffix_jobs.sort(key=lambda j: (-(vlm.site(j[2]).layer or 0), -first_position(j[4])))
+    for chunk in suffix_chunks(vlm, suffix_jobs, per_forward, suffix.length if suffix else 0):
+        p0 = min(first_position(j[4]) for j in chunk)
         values = suffix.run(chunk, p0, source, metric)
         _store(raw, chunk, values)
     per_pair = normalise(raw, m_clean[:, None, None], m_corrupt[:, None, None])
@@ -214,201 +212,9 @@ def _unchanged(vlm, source, base, job) -> bool:
     return torch.equal(a[mask], b[mask])
 
 
-def _job_mask(mask: torch.Tensor, n: int, j: int) -> torch.Tensor:
-    """The (n * rows, pos) mask selecting `mask` in the j-th tiled copy only."""
-    full = torch.zeros((n * mask.shape[0], mask.shape[1]), dtype=torch.bool)
-    full[j * mask.shape[0]:(j + 1) * mask.shape[0]] = mask
-    return full
-
-
-def _first_position(mask: torch.Tensor) -> int:
-    return int(mask.any(0).nonzero()[0])
-
-
-SPREAD = 0.15  # a suffix chunk's rows may start at most this fraction of its suffix apart
-
-
-def _suffix_chunks(vlm, jobs, per_forward: int, length: int):
-    """Consecutive jobs (sorted by layer, then position, latest first) batched together while they
-    share a layer and their first positions lie close: every row reruns the chunk's longest suffix,
-    so rows far apart would waste work."""
-    chunk: list = []
-    for job in jobs:
-        layer, p = vlm.site(job[2]).layer or 0, _first_position(job[4])
-        if chunk:
-            first_layer, first_p = vlm.site(chunk[0][2]).layer or 0, _first_position(chunk[0][4])
-            if len(chunk) == per_forward or layer != first_layer or first_p - p > SPREAD * (length - p):
-                yield chunk
-                chunk = []
-        chunk.append(job)
-    if chunk:
-        yield chunk
-
-
 def _store(raw: torch.Tensor, chunk, values: torch.Tensor) -> None:
     for j, (ci, gi, *_rest) in enumerate(chunk):
         raw[:, ci, gi] = values[j]
-
-
-class _AtPositions(torch.nn.Module):
-    """Stands in for a position-wise module of the last block (query or output projection, MLP):
-    computes it at one position per row, the one whose logits are read; other positions get
-    zeros, which nothing downstream of them reads."""
-
-    def __init__(self, mlp: torch.nn.Module, positions: torch.Tensor):
-        super().__init__()
-        self.mlp, self.positions = mlp, positions
-
-    def forward(self, x, *args, **kwargs):
-        if x.dim() != 3 or x.shape[0] != len(self.positions):
-            return self.mlp(x, *args, **kwargs)
-        rows = torch.arange(x.shape[0], device=x.device)
-        at = self.positions.to(x.device)
-        y = self.mlp(x[rows, at].unsqueeze(1), *args, **kwargs)
-        out = y.new_zeros(x.shape[:2] + y.shape[2:])
-        out[rows, at] = y[:, 0]
-        return out
-
-
-class _Skip(torch.nn.Module):
-    """Stands in for a block whose output the suffix run already knows: returns its input."""
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
-
-
-class _SuffixRunner:
-    """Reruns only what a patch at (layer l, position p) can change in a causal LM: positions
-    >= p (on the base run's cached keys and values) and blocks >= l (earlier blocks are
-    skipped, and block l starts from the base run's residual)."""
-
-    def __init__(self, vlm, base, cache, kv, last, n_layers: int, skip_layers: bool):
-        self.vlm, self.base, self.cache, self.kv, self.last = vlm, base, cache, kv, last
-        self.n_layers, self.skip_layers = n_layers, skip_layers
-        self.length = cache["lm.embed"].shape[1]
-        self.layers_path = vlm.site("lm.blocks.0.resid_pre").module.rsplit(".", 1)[0]
-        # the last block's query and output projections, its MLP and the unembedding matter only at
-        # the positions whose logits are read (its keys and values are needed everywhere)
-        b = f"lm.blocks.{n_layers - 1}"
-        self.trimmed = [vlm.site(s).module for s in (f"{b}.attn.q", f"{b}.attn.z", f"{b}.mlp.out")
-                        if s in vlm.site_table]
-        self.one_query = vlm.site(f"{b}.attn.pattern").module if f"{b}.attn.pattern" in vlm.site_table else None
-        self.logits_to_keep = True
-
-    @classmethod
-    def make(cls, vlm, base, base_ivs):
-        if not vlm.adapter.lm_causal or "lm.embed" not in vlm.site_table:
-            return None
-        if any(_site_of(iv) != "lm.embed" for iv in base_ivs):
-            return None  # other corruptions would need re-applying inside the suffix
-        n = vlm.n_layers("lm")
-        try:
-            out, cache = vlm.run_with_cache(base, ["lm.embed", "lm.blocks.*.resid_pre", "lm.blocks.0.resid_post"],
-                                            interventions=base_ivs, use_cache=True)
-        except (TypeError, ValueError):
-            return None
-        kv = out.get("cache", None) if hasattr(out, "get") else None
-        kv = kv if kv is not None else getattr(out, "past_key_values", None)
-        if kv is None or not hasattr(kv, "layers"):
-            return None
-        last = vlm.positions(base)["lm"].last()
-        full = out.logits[torch.arange(len(last)), last]
-        p = int(last.min())
-        # blocks can be skipped only if they return the residual itself (not a tuple)
-        skip = isinstance(cache["lm.blocks.0.resid_post"], torch.Tensor) and n > 1
-        runner = cls(vlm, base, cache, kv, last, n, skip)
-        trims = [("trimmed", [path]) for path in runner.trimmed] + [("logits_to_keep", True),
-                                                                    ("one_query", runner.one_query)]
-        runner.trimmed, runner.logits_to_keep, runner.one_query = [], False, None
-        try:  # a model whose positions do not follow the cache (e.g. multimodal RoPE) fails here
-            if skip and not torch.allclose(runner._logits(p, 1, [], n - 1), full, atol=1e-4, rtol=1e-4):
-                runner.skip_layers = False
-            if not torch.allclose(runner._logits(p, 1, [], 0), full, atol=1e-4, rtol=1e-4):
-                return None
-        except (TypeError, ValueError, RuntimeError, IndexError, KeyError):
-            return None
-        for name, value in trims:  # each shortcut is kept only if the model gives the same logits
-            before = getattr(runner, name)
-            setattr(runner, name, before + value if name == "trimmed" else value)
-            try:
-                same = torch.allclose(runner._logits(p, 1, [], 0), full, atol=1e-4, rtol=1e-4)
-            except (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError,
-                    UnsupportedModelError):
-                same = False
-            if not same:
-                setattr(runner, name, before)
-        return runner
-
-    def accepts(self, spec) -> bool:
-        return spec.stream == "lm" and spec.hook != "pattern"
-
-    def _logits(self, p: int, n: int, ivs, layer: int, trim: bool = True) -> torch.Tensor:
-        kv = copy.deepcopy(self.kv)
-        for kv_layer in kv.layers:
-            kv_layer.keys = kv_layer.keys[:, :, :p].repeat(n, 1, 1, 1)
-            kv_layer.values = kv_layer.values[:, :, :p].repeat(n, 1, 1, 1)
-        inputs = {"inputs_embeds": self.cache["lm.embed"][:, p:].repeat(n, 1, 1), "cache": kv}
-        if "attention_mask" in self.base:
-            inputs["attention_mask"] = self.base["attention_mask"].repeat(n, 1)
-        skip = layer if self.skip_layers else 0
-        if skip:
-            start = f"lm.blocks.{skip}.resid_pre"
-            known = self.cache[start][:, p:]
-            everywhere = torch.ones(n * known.shape[0], known.shape[1], dtype=torch.bool)
-            ivs = [patch(start, {start: known}, positions=everywhere)] + list(ivs)
-        last = (self.last - p).repeat(n)
-        kwargs, read = {}, last
-        if trim and self.logits_to_keep:
-            kept = torch.unique(last)
-            kwargs["logits_to_keep"], read = kept, torch.searchsorted(kept, last)
-        blocks = self.vlm.model.get_submodule(self.layers_path)
-        kept_blocks = [blocks[i] for i in range(skip)]
-        swaps = []
-        for path in self.trimmed if trim else []:
-            owner_path, attr = path.rsplit(".", 1)
-            owner = self.vlm.model.get_submodule(owner_path)
-            swaps.append((owner, attr, getattr(owner, attr)))
-        try:
-            for i in range(skip):
-                blocks[i] = _Skip()
-            for owner, attr, module in swaps:
-                setattr(owner, attr, _AtPositions(module, last))
-            one = {self.vlm.model.get_submodule(self.one_query): AttnEdit(queries=last)} if (
-                trim and self.one_query) else {}
-            with attention.override(one):
-                out = self.vlm.run(inputs, ivs, **kwargs)
-        finally:
-            for i, block in enumerate(kept_blocks):
-                blocks[i] = block
-            for owner, attr, module in swaps:
-                setattr(owner, attr, module)
-        read = read.to(out.logits.device)
-        return out.logits[torch.arange(len(read), device=read.device), read]
-
-    def run(self, chunk, p: int, source, metric) -> torch.Tensor:
-        p = min(p, int(self.last.min()))
-        layer = min(self.vlm.site(j[2]).layer or 0 for j in chunk)
-        n, rows = len(chunk), len(self.last)
-        # a residual-output patch at block l is an input patch at block l + 1: block l need not rerun
-        shift = self.skip_layers and layer + 1 < self.n_layers and all(
-            j[2] == f"lm.blocks.{self.vlm.site(j[2]).layer}.resid_post" for j in chunk)
-        ivs = []
-        for j, (_, _, site, head, mask) in enumerate(chunk):
-            target = f"lm.blocks.{self.vlm.site(site).layer + 1}.resid_pre" if shift else site
-            ivs.append(patch(target, {target: source[site][:, p:]}, positions=_job_mask(mask[:, p:], n, j),
-                             heads=None if head is None else [head]))
-        # a patch inside the last MLP or on the logits needs them at every position
-        trim = not any(self._needs_all_positions(j[2]) for j in chunk)
-        return metric(self._logits(p, n, ivs, layer + shift, trim)).float().cpu().view(n, rows)
-
-    def _needs_all_positions(self, site: str) -> bool:
-        module = self.vlm.site(site).module
-        cut = [*self.trimmed, *([self.one_query] if self.one_query else [])]
-        return site == "lm.logits" or any(module == t or module.startswith(t + ".") for t in cut)
-
-
-def _site_of(iv) -> str | None:
-    return getattr(iv, "site", None)
 
 
 def _tiled(iv: Intervention, n: int) -> Intervention:
