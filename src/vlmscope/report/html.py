@@ -240,17 +240,16 @@ def _explain_reading(sc: dict) -> str:
     nan = float("nan")
     text = ""
     if "TEXTSPAN: colour heads" in sc:
-        attrs = ("colour", "shape", "size", "position", "background")
-        named = "; ".join(f"{a} {sc.get(f'TEXTSPAN: {a} heads', 'none')}" for a in attrs
-                          if f"TEXTSPAN: {a} heads" in sc)
-        drops = []
-        for a in attrs:
-            for mode in ("direct", "total"):
-                own = sc.get(f"TEXTSPAN {a} heads, {mode} ablation: own evidence drop")
-                other = sc.get(f"TEXTSPAN {a} heads, {mode} ablation: other evidence drop")
-                if own is not None and other is not None:
-                    drops.append(f"{a} {own:.0%} vs {other:.0%} ({mode})")
-                    break
+        from vlmscope.methods.explain.zoo_textspan import VALUES
+
+        attrs = tuple(VALUES)
+        named = "; ".join(f"{a} {sc[f'TEXTSPAN: {a} heads']}" for a in attrs if f"TEXTSPAN: {a} heads" in sc)
+
+        def drop(a: str, mode: str) -> str | None:
+            own, other = (sc.get(f"TEXTSPAN {a} heads, {mode} ablation: {w} evidence drop") for w in ("own", "other"))
+            return None if own is None or other is None else f"{a} {own:.0%} vs {other:.0%} ({mode})"
+
+        drops = [d for a in attrs if (d := drop(a, "direct") or drop(a, "total"))]
         unnamed = [a for a in attrs if sc.get(f"TEXTSPAN: {a} heads") == "none"
                    and sc.get(f"TEXTSPAN: zero-shot {a} accuracy", 0) > 0.5]
         text += (f" TEXTSPAN (Gandelsman et al. 2024) names shapes-clip's vision heads by the texts that explain "

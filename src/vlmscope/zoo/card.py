@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from vlmscope.data.scene import CELL, IMAGE_SIZE
 from vlmscope.data.vocab import COLOURS, DOMAINS, FAMILIES, SHAPES, SIZES
+from vlmscope.zoo.recipes import replan_pairs
 from vlmscope.zoo.shapes_llava import NAME, PARTS
 
 CARD_VERSION = 1
@@ -191,13 +192,6 @@ CLIP_LIMITS = [
 ]
 
 
-def _replans(replan) -> list[tuple[int, int]]:
-    """A recipe's re-plans as (at, total) pairs: none, one pair or a list of pairs (Stage.replan)."""
-    if not replan:
-        return []
-    return [tuple(replan)] if isinstance(replan[0], int) else [tuple(r) for r in replan]
-
-
 def _clip_mix_extras(config: dict) -> str:
     """The shapes-clip recipe's departures from its first version (absent from older configs)."""
     keep, swaps = config.get("keep_p", [0.5] * 4), config.get("swaps", [1] * 6)
@@ -287,7 +281,7 @@ def render_clip_card_md(card: dict) -> str:
         "## Recipe (contrastive, one stage)",
         f"- {r['steps']} steps, batch {r['batch_size']} images (+ {r['batch_size']} hard-negative texts), "
         f"AdamW lr {r['lr']} (warm-up {r['warmup']}, cosine to {r['floor']} x peak"
-        + "".join(f"; from step {at} re-planned to end at {total}" for at, total in _replans(r.get("replan")))
+        + "".join(f"; from step {at} re-planned to end at {total}" for at, total in replan_pairs(r.get("replan")))
         + f"), betas {r['betas']}, "
         f"weight decay {r['weight_decay']}, grad-clip {r['grad_clip']}.",
         f"- Train from scratch: `{r['command']}`.",

@@ -37,9 +37,7 @@ class Stage:
     @property
     def replans(self) -> tuple[tuple[int, int], ...]:
         """The re-plans as (at, total) pairs, in order (none: empty)."""
-        if not self.replan:
-            return ()
-        return (tuple(self.replan),) if isinstance(self.replan[0], int) else tuple(tuple(r) for r in self.replan)
+        return replan_pairs(self.replan)
 
     @property
     def total(self) -> int:
@@ -70,6 +68,14 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+
+
+def replan_pairs(replan) -> tuple[tuple[int, int], ...]:
+    """A `replan` as written in a recipe or its JSON config (none, one (at, total) pair or a sequence
+    of pairs) as a tuple of pairs."""
+    if not replan:
+        return ()
+    return (tuple(replan),) if isinstance(replan[0], int) else tuple(tuple(r) for r in replan)
 
 
 def lr_at(stage: Stage, step: int) -> float:

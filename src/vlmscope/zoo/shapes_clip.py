@@ -112,7 +112,13 @@ def encode_texts(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- texts with ground truth -------------------------------------------------------------------
 
 ATTRS = ("size", "colour", "shape", "position", "background")
+VALUES = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": DOMAINS}
 SWAP_OF = {"size": "size", "colour": "colour", "shape": "shape", "position": "position", "background": "domain"}
+
+
+def attribute(scene: Scene, attr: str) -> str:
+    """A one-object scene's value of one of ATTRS: its object's, or the scene's background."""
+    return scene.domain if attr == "background" else getattr(scene.objects[0], attr)
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,7 @@ class Text:
     def matches(self, scene: Scene) -> bool:
         if self.full is not None:
             return caption(scene) == self.full
-        o = scene.objects
-        return len(o) == 1 and all((scene.domain if k == "background" else getattr(o[0], k)) == v
-                                   for k, v in self.attrs)
+        return len(scene.objects) == 1 and all(attribute(scene, k) == v for k, v in self.attrs)
 
 
 def describe(attrs: dict[str, str]) -> Text:
@@ -192,13 +196,11 @@ def _partial(rng: np.random.Generator, scene: Scene, full_p: float, keep_p: tupl
     see the same batches as before it could be mentioned."""
     if must is None and rng.random() < full_p:
         return full_text(scene), full_text(swap_one(rng, scene, swaps))
-    o = scene.objects[0]
-    have = {"size": o.size, "colour": o.colour, "shape": o.shape, "position": o.position, "background": scene.domain}
     keep = ([k for k, p in zip(ATTRS, keep_p, strict=True) if p > 0 and rng.random() < p]
             or [ATTRS[1 + int(rng.integers(2))]])
     if must is not None:
         keep = [a for a in ATTRS if a in keep or a == must]
-    attrs = {k: have[k] for k in keep}
+    attrs = {k: attribute(scene, k) for k in keep}
     w = np.array([swaps[SWAPS.index(SWAP_OF[a])] for a in keep], dtype=float)
     if must is not None:
         k = must
@@ -206,8 +208,7 @@ def _partial(rng: np.random.Generator, scene: Scene, full_p: float, keep_p: tupl
         k = keep[int(rng.integers(len(keep)))]
     else:
         k = keep[int(rng.choice(len(keep), p=w / w.sum()))]
-    values = {"size": SIZES, "colour": COLOURS, "shape": SHAPES, "position": POSITIONS, "background": DOMAINS}[k]
-    return describe(attrs), describe({**attrs, k: _other(rng, values, attrs[k])})
+    return describe(attrs), describe({**attrs, k: _other(rng, VALUES[k], attrs[k])})
 
 
 @dataclass(frozen=True)
@@ -283,8 +284,8 @@ def _embed(model: CLIPModel, images: list[np.ndarray] | None = None, texts: list
     return F.normalize(e, dim=-1)  # (batch, projection_dim)
 
 
-ZERO_SHOT = {"colour": (COLOURS, "a {} object"), "shape": (SHAPES, "a {}"), "position": (POSITIONS, "a object at {}"),
-             "background": (DOMAINS, "a object on a {} background .")}
+ZERO_SHOT = {"colour": "a {} object", "shape": "a {}", "position": "a object at {}",
+             "background": "a object on a {} background ."}  # attribute: prompt template
 
 
 def zero_shot(model: CLIPModel, seed: int, n: int) -> dict[str, float]:
@@ -295,10 +296,11 @@ def zero_shot(model: CLIPModel, seed: int, n: int) -> dict[str, float]:
     scenes = [place(rng, random_attrs(rng, 1)) for _ in range(n)]
     img = torch.cat([_embed(model, images=[render(s) for s in scenes[i: i + 200]]) for i in range(0, n, 200)])
     out = {}
-    for attr, (values, template) in ZERO_SHOT.items():
+    for attr, template in ZERO_SHOT.items():
+        values = VALUES[attr]
         txt = _embed(model, texts=[template.format(v) for v in values])
         pred = (img @ txt.T).argmax(1).tolist()
-        truth = [s.domain if attr == "background" else getattr(s.objects[0], attr) for s in scenes]
+        truth = [attribute(s, attr) for s in scenes]
         out[attr] = float(np.mean([values[p] == t for p, t in zip(pred, truth, strict=True)]))
     return out
 

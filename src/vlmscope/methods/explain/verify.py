@@ -108,8 +108,7 @@ def judge(response: torch.Tensor, explanation: str, bases: Sequence[Scene], feat
         raise InputError(f"judge reads an attribute value; {explanation!r} needs judge_object or judge_patch")
     values = VALUES[attr]
     e = values.index(value)
-    peak = float(response.max())
-    threshold = ratio * peak if peak > 0 else float("inf")
+    threshold = _threshold(response, ratio)
     fires = response > threshold  # (base, value)
     rate = fires.float().mean(0)
     on = float(rate[e])
@@ -159,6 +158,12 @@ def empty_scenes(bases: Sequence[Scene]) -> list[Scene]:
     return [replace(b, objects=()) for b in bases]
 
 
+def _threshold(response: torch.Tensor, ratio: float) -> float:
+    """A feature fires above `ratio` x its largest response (never, if it never responds)."""
+    peak = float(response.max())
+    return ratio * peak if peak > 0 else float("inf")
+
+
 def _verdict(on: float, off_max: float, hold: float, off: float, reach: float | None = None) -> str:
     """on: the rate on the whole explained set; off_max: the highest rate outside it; reach: the rate
     on the part of the explained set it fires on most (= on for one value)."""
@@ -174,8 +179,7 @@ def judge_object(response: torch.Tensor, empty: torch.Tensor, feature: str = "fe
     not on the empty scenes. response (base, value) over `object_values()`; empty (base,)."""
     values = (*object_values(), "empty")
     r = torch.cat([response, empty[:, None]], 1)  # (base, value)
-    peak = float(r.max())
-    threshold = ratio * peak if peak > 0 else float("inf")
+    threshold = _threshold(r, ratio)
     rate = (r > threshold).float().mean(0)  # (value,)
     on, off_max = float(rate[:-1].min()), float(rate[-1])
     verdict = _verdict(on, off_max, hold, off, reach=float(rate[:-1].max()))
@@ -203,8 +207,7 @@ def judge_patch(maps: torch.Tensor, explanation: str, feature: str = "feature", 
         raise InputError(f"judge_patch needs one variant per grid cell plus the empty scene on a patch grid of the "
                          f"scene's cells; got {n_var} variants for {maps.shape[2]}x{maps.shape[3]} patches")
     flat = maps.flatten(2)  # (base, variant, patch)
-    peak = float(flat.max())
-    threshold = ratio * peak if peak > 0 else float("inf")
+    threshold = _threshold(flat, ratio)
     fires = flat > threshold
     shows_object = torch.zeros(n_var, cells, dtype=torch.bool)  # (variant, patch)
     shows_object[torch.arange(cells), torch.arange(cells)] = True  # variant k: the object sits at patch k
