@@ -226,11 +226,11 @@ def dissection(r, ax=None):
 
 @plotter("verification")
 def verification(r, ax=None):
-    """Firing rate per value of the varied attribute; the explained value in orange."""
+    """Firing rate per value of the varied attribute (per group of patches for a formula); the values
+    the explanation names in orange."""
     fig, ax = _axes(ax, (max(4, 0.5 * len(r.values)), 3))
-    explained = r.explanation.partition("=")[2]  # "" for "object" / "background": no bar is the explained one
     ax.bar(range(len(r.values)), r.fire_rate.numpy(),
-           color=["tab:orange" if v == explained else "tab:blue" for v in r.values])
+           color=["tab:orange" if e else "tab:blue" for e in r.explained.tolist()])
     ax.set_xticks(range(len(r.values)), r.values, rotation=45, fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("fires")

@@ -5,8 +5,17 @@ the explanation is (see docs/explain.md).
     explain.vlm_word_match(m, sae.W_dec[[3, 7]])              # words aligned with decoder rows
     explain.splice(clip, clip.prepare(images, concepts), concepts)   # sparse concepts per image
     explain.verify(feature_fn, "colour=red")                  # holds / too broad / too narrow
+    explain.dissect_formulas(maps, masks)                     # labels such as "patch=4 AND background"
 """
 
+from vlmscope.methods.explain.compose import (
+    FormulaDissection,
+    beam_search,
+    dissect_formulas,
+    evaluate,
+    mask_of,
+    parse_formula,
+)
 from vlmscope.methods.explain.concepts import all_concepts, concept_masks, parse
 from vlmscope.methods.explain.describe import Dissection, LLMDescription, describe_with_llm, dissect, llm_messages
 from vlmscope.methods.explain.neurons import (
@@ -35,7 +44,16 @@ from vlmscope.methods.explain.textspan import (
     head_contributions,
     textspan,
 )
-from vlmscope.methods.explain.verify import Verification, judge, judge_object, judge_patch, verify, verify_many
+from vlmscope.methods.explain.verify import (
+    Verification,
+    formula_scenes,
+    judge,
+    judge_formula,
+    judge_object,
+    judge_patch,
+    verify,
+    verify_many,
+)
 from vlmscope.methods.explain.word_match import WordMatch, neuron_directions, vlm_word_match, word_match
 from vlmscope.methods.explain.zoo import ExplainedFeatures, zoo_domain_neurons, zoo_modality_neurons
 from vlmscope.methods.explain.zoo_patchscope import PatchscopeAccuracy, zoo_patchscope
@@ -43,6 +61,8 @@ from vlmscope.methods.explain.zoo_textspan import AttributeHeads, zoo_textspan
 
 __all__ = [
     "AttributeHeads", "Deactivation", "Dissection", "DomainNeurons", "ExplainedFeatures", "ExplanationScores",
+    "FormulaDissection", "beam_search", "dissect_formulas", "evaluate", "formula_scenes", "judge_formula", "mask_of",
+    "parse_formula",
     "HeadAblation", "HeadContributions", "LLMDescription", "ModalityNeurons", "PatchscopeAccuracy", "PatchscopeResult",
     "SpliceResult", "TextSpanResult", "Verification", "WordMatch", "all_concepts", "concept_masks", "correlation",
     "deactivate", "describe_with_llm", "dissect", "domain_neurons", "head_ablation", "head_contributions",

@@ -30,6 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     f.add_argument("--site", default=None, help="default: the SAE's own site")
     f.add_argument("--n-features", type=int, default=50)
     f.add_argument("--examples", type=int, default=300)
+    f.add_argument("--length", type=int, default=3,
+                   help="longest label formula in concepts (Mu & Andreas); 1: single concepts (Bau et al.)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--llm-url", default=None, help="OpenAI-compatible endpoint for an LLM description (off)")
     f.add_argument("--llm-model", default="gpt-4o-mini")
@@ -81,7 +83,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     m, sae = _model(args.model), load_sae(args.sae)
     site = args.site or sae.cfg.site
-    res, scores = explain_sae_features(m, sae, site, n_features=args.n_features, n=args.examples, seed=args.seed)
+    res, scores = explain_sae_features(m, sae, site, n_features=args.n_features, n=args.examples, seed=args.seed,
+                                       length=args.length)
     print(res.to_dataframe().to_string(index=False))
     print(json.dumps(scores, indent=1))
     _save(res, args.out, "explained_features")

@@ -55,15 +55,22 @@ class Dissection(Result):
 
 
 def dissect(maps: torch.Tensor, masks: Mapping[str, torch.Tensor], quantile: float = 0.8,
-            features: Sequence[str] | None = None, min_iou: float = 0.04) -> Dissection:
+            features: Sequence[str] | None = None, min_iou: float = 0.04, ratio: float | None = None) -> Dissection:
     """maps: (feature, scene, rows, cols) activations (or one feature, (scene, rows, cols));
-    masks: concept -> (scene, rows, cols) bool. IoU summed over the dataset, as Bau et al."""
+    masks: concept -> (scene, rows, cols) bool. IoU summed over the dataset, as Bau et al. A feature
+    fires above its top `quantile` (Bau et al.), or, with `ratio`, above ratio x its peak (the rule
+    of the verification loop, for graded features such as SAE latents)."""
     maps = maps[None] if maps.dim() == 3 else maps
     if not 0 <= quantile < 1:
         raise InputError(f"quantile must be in [0, 1), got {quantile}")
     flat = maps.flatten(1).float()  # (feature, scene * rows * cols)
     k = max(1, int(quantile * flat.shape[1]))
     thr = flat.kthvalue(k, dim=1).values  # (feature,)
+    if ratio is not None:
+        if not 0 <= ratio < 1:
+            raise InputError(f"ratio must be in [0, 1), got {ratio}")
+        peak = flat.amax(1)
+        thr = torch.where(peak > 0, ratio * peak, torch.inf)
     on = flat > thr[:, None]
     concepts = tuple(masks)
     m = torch.stack([masks[c].flatten() for c in concepts]).to(on.device)  # (concept, cells)

@@ -1,8 +1,9 @@
 """Scoring explanations by simulation (Bills et al. 2023): predict a feature's activations from its
 explanation alone and correlate the prediction with the real activations.
 
-For the shapes world's concept explanations ("colour=red") the simulator is exact and needs no
-LLM: it predicts 1 on the patches of the concept's mask and 0 elsewhere. Alongside the
+For the shapes world's concept explanations ("colour=red", or a formula such as "colour=red OR
+colour=orange") the simulator is exact and needs no LLM: it predicts 1 on the patches of the
+explanation's mask and 0 elsewhere. Alongside the
 correlation, `precision` is the share of the feature's strongest patches (above its top
 quantile) that lie in the concept's ground-truth mask, and `recall` the share of the mask covered.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmscope.errors import InputError
+from vlmscope.methods.explain.compose import mask_of
 from vlmscope.results import Result
 
 
@@ -54,17 +56,16 @@ class ExplanationScores(Result):
 
 def score_explanations(maps: torch.Tensor, explanations: Sequence[str], masks: Mapping[str, torch.Tensor],
                        quantile: float = 0.8, features: Sequence[str] | None = None) -> ExplanationScores:
-    """maps (feature, scene, rows, cols); explanations: one concept per feature; masks: concept ->
-    (scene, rows, cols) bool (e.g. `concepts.concept_masks`), the simulated activations."""
+    """maps (feature, scene, rows, cols); explanations: one concept or formula of concepts (compose.py)
+    per feature; masks: concept -> (scene, rows, cols) bool (e.g. `concepts.concept_masks`), whose
+    union and intersection simulate a formula."""
     maps = maps[None] if maps.dim() == 3 else maps
     if len(explanations) != len(maps):
         raise InputError(f"{len(explanations)} explanations for {len(maps)} features")
-    missing = [e for e in explanations if e not in masks]
-    if missing:
-        raise InputError(f"no mask for explanations {missing[:5]}; masks cover {list(masks)[:8]}...")
+    simulated = [mask_of(e, masks) for e in explanations]
     corr, prec, rec = [], [], []
-    for f, e in zip(maps, explanations):
-        m = masks[e].to(f.device)
+    for f, m in zip(maps, simulated):
+        m = m.to(f.device)
         corr.append(correlation(f, m.float()))
         flat = f.flatten().float()
         thr = flat.kthvalue(max(1, int(quantile * flat.numel()))).values

@@ -25,6 +25,7 @@ both when it shows the object and when it shows background, and rarely at other 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -35,7 +36,8 @@ from vlmscope.data import render
 from vlmscope.data.scene import CELL, JITTER, Scene, place, random_attrs
 from vlmscope.data.vocab import DOMAINS, GRID
 from vlmscope.errors import InputError
-from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, VALUES, parse
+from vlmscope.methods.explain.compose import atoms, evaluate, is_compound, parse_formula
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, VALUES, WHOLE, concept_masks, parse
 from vlmscope.results import Result
 
 FeatureFn = Callable[[list[np.ndarray]], torch.Tensor]  # images -> (n, rows, cols[, feature])
@@ -48,12 +50,13 @@ class Verification(Result):
     kind = "verification"
     feature: str
     explanation: str
-    values: tuple[str, ...]  # the varied attribute's values
+    values: tuple[str, ...]  # the varied attribute's values (a formula: the kinds of patch it tells apart)
     response: torch.Tensor  # (base, value) max over patches; patch=k, background: (scene, value) at that patch
     fire_rate: torch.Tensor  # (value,) share of bases where it fires
     threshold: float
     verdict: str
     detail: str
+    explained: torch.Tensor  # (value,) bool: the values the explanation says it fires on
 
     def __repr__(self) -> str:
         detail = f"; {self.detail}" if self.detail else ""
@@ -64,8 +67,7 @@ class Verification(Result):
 
         return pd.DataFrame({"value": list(self.values), "fire_rate": self.fire_rate.tolist(),
                              "mean_response": self.response.nanmean(0).tolist(),
-                             "explained": [f"{self.explanation.split('=')[0]}={v}" == self.explanation
-                                           for v in self.values]})
+                             "explained": self.explained.tolist()})
 
 
 def base_scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -101,14 +103,14 @@ def _trait(scene: Scene, attribute: str) -> str:
 
 
 def judge(response: torch.Tensor, explanation: str, bases: Sequence[Scene], feature: str = "feature",
-          ratio: float = 0.25, hold: float = 0.8, off: float = 0.2) -> Verification:
+          ratio: float = 0.25, hold: float = 0.8, off: float = 0.2, threshold: float | None = None) -> Verification:
     """The verdict from responses (base, value) of the explained attribute's values (see module doc)."""
     attr, value = parse(explanation)
     if attr not in VALUES or attr == "patch":
         raise InputError(f"judge reads an attribute value; {explanation!r} needs judge_object or judge_patch")
     values = VALUES[attr]
     e = values.index(value)
-    threshold = _threshold(response, ratio)
+    threshold = _threshold(response, ratio, threshold)
     fires = response > threshold  # (base, value)
     rate = fires.float().mean(0)
     on = float(rate[e])
@@ -122,7 +124,14 @@ def judge(response: torch.Tensor, explanation: str, bases: Sequence[Scene], feat
                                               if i != e and float(rate[i]) > off)
     elif narrow and on > off:
         detail = _narrowing(fires[:, e], bases, attr)
-    return Verification(feature, explanation, values, response.float(), rate, threshold, verdict, detail)
+    return Verification(feature, explanation, values, response.float(), rate, threshold, verdict, detail,
+                        _one_hot(len(values), e))
+
+
+def _one_hot(n: int, *on: int) -> torch.Tensor:
+    m = torch.zeros(n, dtype=torch.bool)
+    m[list(on)] = True
+    return m
 
 
 def _narrowing(fired: torch.Tensor, bases: Sequence[Scene], varied: str) -> str:
@@ -158,8 +167,11 @@ def empty_scenes(bases: Sequence[Scene]) -> list[Scene]:
     return [replace(b, objects=()) for b in bases]
 
 
-def _threshold(response: torch.Tensor, ratio: float) -> float:
-    """A feature fires above `ratio` x its largest response (never, if it never responds)."""
+def _threshold(response: torch.Tensor, ratio: float, given: float | None = None) -> float:
+    """A feature fires above `given` when set (the activation its label was found at), else above
+    `ratio` x its largest response (never, if it never responds)."""
+    if given is not None:
+        return float(given)
     peak = float(response.max())
     return ratio * peak if peak > 0 else float("inf")
 
@@ -174,12 +186,12 @@ def _verdict(on: float, off_max: float, hold: float, off: float, reach: float | 
 
 
 def judge_object(response: torch.Tensor, empty: torch.Tensor, feature: str = "feature", ratio: float = 0.25,
-                 hold: float = 0.8, off: float = 0.2) -> Verification:
+                 hold: float = 0.8, off: float = 0.2, threshold: float | None = None) -> Verification:
     """"object": the feature (max over patches) fires on every value of every object attribute and
     not on the empty scenes. response (base, value) over `object_values()`; empty (base,)."""
     values = (*object_values(), "empty")
     r = torch.cat([response, empty[:, None]], 1)  # (base, value)
-    threshold = _threshold(r, ratio)
+    threshold = _threshold(r, ratio, threshold)
     rate = (r > threshold).float().mean(0)  # (value,)
     on, off_max = float(rate[:-1].min()), float(rate[-1])
     verdict = _verdict(on, off_max, hold, off, reach=float(rate[:-1].max()))
@@ -190,11 +202,12 @@ def judge_object(response: torch.Tensor, empty: torch.Tensor, feature: str = "fe
         a = max(by_attr, key=lambda k: max(by_attr[k].values()) - min(by_attr[k].values()))
         fired = ", ".join(v for v, x in by_attr[a].items() if x >= 0.5) or "none half the time"
         detail = "; ".join(x for x in (detail, f"depends on {a}: fires for {fired}") if x)
-    return Verification(feature, "object", values, r.float(), rate, threshold, verdict, detail)
+    return Verification(feature, "object", values, r.float(), rate, threshold, verdict, detail,
+                        _one_hot(len(values), *range(len(values) - 1)))
 
 
 def judge_patch(maps: torch.Tensor, explanation: str, feature: str = "feature", ratio: float = 0.25,
-                hold: float = 0.8, off: float = 0.2) -> Verification:
+                hold: float = 0.8, off: float = 0.2, threshold: float | None = None) -> Verification:
     """"patch=k" (the patch, whatever it shows) or "background" (every patch showing no object),
     from maps (base, variant, rows, cols) over `patch_variants()`: the object in each cell, then empty.
     "patch=k" holds when the feature fires at patch k whether it shows the object or background, and
@@ -207,7 +220,7 @@ def judge_patch(maps: torch.Tensor, explanation: str, feature: str = "feature", 
         raise InputError(f"judge_patch needs one variant per grid cell plus the empty scene on a patch grid of the "
                          f"scene's cells; got {n_var} variants for {maps.shape[2]}x{maps.shape[3]} patches")
     flat = maps.flatten(2)  # (base, variant, patch)
-    threshold = _threshold(flat, ratio)
+    threshold = _threshold(flat, ratio, threshold)
     fires = flat > threshold
     shows_object = torch.zeros(n_var, cells, dtype=torch.bool)  # (variant, patch)
     shows_object[torch.arange(cells), torch.arange(cells)] = True  # variant k: the object sits at patch k
@@ -222,6 +235,7 @@ def judge_patch(maps: torch.Tensor, explanation: str, feature: str = "feature", 
         response = torch.cat([torch.where(obj, nan, flat).flatten(0, 1), at_object], 1)  # (scene, value)
         on, off_max = float(bg_rate.min()), float(rate[-1])
         verdict = _verdict(on, off_max, hold, off, reach=float(bg_rate.max()))
+        explained = _one_hot(len(values), *range(cells))
         detail = "also fires on the object" if off_max > off else ""
         if on < hold and verdict != "does not hold":
             at = [str(k) for k in range(cells) if float(bg_rate[k]) >= hold]
@@ -235,6 +249,7 @@ def judge_patch(maps: torch.Tensor, explanation: str, feature: str = "feature", 
         others = torch.cat([rate[:k], rate[k + 1:]])
         off_max = float(others.max())
         verdict = _verdict(on, off_max, hold, off, reach=max(float(bg_rate[k]), float(obj_rate[k])))
+        explained = _one_hot(len(values), k)
         detail = ("also fires at patch " + ", ".join(v for v, x in zip(values, rate.tolist()) if v != value and x > off)
                   if off_max > off else "")
         if on < hold and verdict != "does not hold":
@@ -242,7 +257,99 @@ def judge_patch(maps: torch.Tensor, explanation: str, feature: str = "feature", 
             detail = "; ".join(x for x in (detail, f"only when the patch shows {only}") if x)
     else:
         raise InputError(f"judge_patch reads 'patch=k' or 'background', got {explanation!r}")
-    return Verification(feature, explanation, values, response.float(), rate, threshold, verdict, detail)
+    return Verification(feature, explanation, values, response.float(), rate, threshold, verdict, detail, explained)
+
+
+def _patch_traits(scenes: Sequence[Scene], grid: tuple[int, int], attrs: Sequence[str]) -> torch.Tensor:
+    """(scene, rows, cols, attr) index of each patch's value of each attribute, -1 where it has none
+    (a background patch has no colour); "object" is 1 on an object's patches, 0 elsewhere."""
+    cols = []
+    for a in attrs:
+        names = ["object"] if a == "object" else [f"{a}={v}" for v in VALUES[a]]
+        m = torch.stack(list(concept_masks(scenes, grid, names).values()))  # (value, scene, rows, cols)
+        cols.append(m.long().argmax(0).where(m.any(0), -1) if a != "object" else m[0].long())
+    return torch.stack(cols, -1)
+
+
+def judge_formula(maps: torch.Tensor, scenes: Sequence[Scene], explanation: str, feature: str = "feature",
+                  ratio: float = 0.25, hold: float = 0.8, off: float = 0.2, min_count: int = 4,
+                  threshold: float | None = None) -> Verification:
+    """A formula of concepts ("(patch=4 OR patch=5) AND background", see compose.py), read patch by
+    patch on its controlled scenes (`formula_scenes`): maps (scene, rows, cols). The patches are grouped
+    by their values of the attributes the formula names (a formula is true or false on a whole
+    group); it holds when the feature fires on every group the formula includes (>= `hold`) and
+    rarely on every group it excludes (<= `off`). Groups of fewer than `min_count` patches are not judged."""
+    f = parse_formula(explanation)
+    names = atoms(f)
+    attrs = list(dict.fromkeys("object" if parse(a)[0] in WHOLE else parse(a)[0] for a in names))
+    grid = (maps.shape[1], maps.shape[2])
+    if len(scenes) != len(maps):
+        raise InputError(f"{len(scenes)} scenes for {len(maps)} maps")
+    truth = evaluate(f, concept_masks(scenes, grid, names)).flatten()  # (patch,)
+    traits = _patch_traits(scenes, grid, attrs).flatten(0, 2)  # (patch, attr)
+    keys, group = traits.unique(dim=0, return_inverse=True)  # (group, attr), (patch,)
+    flat = maps.flatten().float()
+    threshold = _threshold(flat, ratio, threshold)
+    count = torch.bincount(group, minlength=len(keys))
+    rate = torch.bincount(group, weights=(flat > threshold).double(), minlength=len(keys)) / count.clamp_min(1)
+    inside = torch.bincount(group, weights=truth.double(), minlength=len(keys)) > count / 2  # (group,)
+    keep = count >= min_count
+    keys, rate, inside, count = keys[keep], rate[keep].float(), inside[keep], count[keep]
+    values = tuple(_group_name(attrs, k) for k in keys.tolist())
+    if not inside.any():
+        raise InputError(f"no controlled patch satisfies {explanation!r}; it cannot be tested")
+    on, reach = float(rate[inside].min()), float(rate[inside].max())
+    off_max = float(rate[~inside].max()) if (~inside).any() else 0.0
+    verdict = _verdict(on, off_max, hold, off, reach)
+    worst = [(x, v) for x, v, i in zip(rate.tolist(), values, inside.tolist()) if not i and x > off]
+    missed = [(x, v) for x, v, i in zip(rate.tolist(), values, inside.tolist()) if i and x < hold]
+    detail = "; ".join(x for x in (
+        "also fires on " + ", ".join(v for _, v in sorted(worst, reverse=True)[:3]) if worst else "",
+        "misses " + ", ".join(v for _, v in sorted(missed)[:3]) if missed and verdict != "does not hold" else "") if x)
+    response = torch.full((int(count.max()), len(values)), float("nan"))  # (observation, group)
+    kept = torch.nonzero(keep).flatten()
+    for j, g in enumerate(kept.tolist()):
+        r = flat[group == g]
+        response[:len(r), j] = r
+    return Verification(feature, explanation, values, response, rate, threshold, verdict, detail, inside)
+
+
+def _group_name(attrs: Sequence[str], key: Sequence[int]) -> str:
+    parts = []
+    for a, k in zip(attrs, key):
+        if a == "object":
+            parts.append("object" if k else "background")
+        elif k >= 0:
+            parts.append(f"{a}={VALUES[a][k]}")
+    return " & ".join(parts) or "background"
+
+
+def formula_axes(explanation: str) -> tuple[str, ...]:
+    """The attributes a formula's controlled scenes vary together: those it names ("patch",
+    "object" and "background" move the object through every cell, "cell")."""
+    kinds = {parse(a)[0] for a in atoms(parse_formula(explanation))}
+    moves = bool(kinds & {"patch", *WHOLE})
+    return tuple(a for a in (*OBJECT_ATTRIBUTES, "domain") if a in kinds or (a == "cell" and moves))
+
+
+def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3000) -> list[Scene]:
+    """Controlled scenes for a formula: from each base, every combination of values of the attributes
+    it names (`formula_axes`), everything else held fixed, plus the base emptied when it speaks of
+    patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`."""
+    axes = formula_axes(explanation)
+    empty = bool({parse(a)[0] for a in atoms(parse_formula(explanation))} & {"patch", *WHOLE})
+    combos = list(itertools.product(*(VALUES[a] for a in axes)))
+    n = max(8, min(len(bases), max_scenes // (len(combos) + empty)))
+    out = []
+    for b in bases[:n]:
+        for combo in combos:
+            s = b
+            for a, v in zip(axes, combo):
+                s = vary(s, a, v)
+            out.append(s)
+        if empty:
+            out.append(replace(b, objects=()))
+    return out
 
 
 def object_values() -> tuple[str, ...]:
@@ -269,35 +376,52 @@ def verify(feature: FeatureFn, explanation: str, n_bases: int = 24, seed: int = 
 
 
 def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int = 24, seed: int = 0,
-                names: Sequence[str] | None = None, **judge_kwargs) -> list[Verification]:
+                names: Sequence[str] | None = None, thresholds: Sequence[float] | None = None,
+                **judge_kwargs) -> list[Verification]:
     """Verify many features at once: `features(images)` returns (n, rows, cols, feature), or (n, rows,
     cols) when one explanation is given; scenes are generated and run once per attribute. "object" is
-    tested on every object attribute and on empty scenes, "patch=k" and "background" patch by patch."""
+    tested on every object attribute and on empty scenes, "patch=k" and "background" patch by patch,
+    a formula of concepts (compose.py) patch by patch on the scenes of every attribute it names.
+    thresholds: per feature, the activation above which it fires (e.g. the one dissection labelled it
+    at), instead of a share of its peak on the controlled scenes."""
     bases = base_scenes(n_bases, seed)
     names = list(names) if names is not None else [str(i) for i in range(len(explanations))]
-    kinds = {parse(e)[0] for e in explanations}
-    attrs = ({a for a in kinds if a in VALUES and a != "patch"}
-             | (set(OBJECT_ATTRIBUTES) if "object" in kinds else set()))
+    compound = [is_compound(e) for e in explanations]
+    kinds = {parse(e)[0] for e, c in zip(explanations, compound) if not c}
+    needed = {a for a in kinds if a in VALUES and a != "patch"}
+    needed |= set(OBJECT_ATTRIBUTES) if "object" in kinds else set()
+    sets = {a: controlled_scenes(a, bases) for a in needed}
+    if kinds & {"patch", "background"}:
+        sets["patch"] = patch_variants(bases)
+    for e, c in zip(explanations, compound):
+        if c:
+            sets.setdefault(formula_axes(e), formula_scenes(e, bases))
+    if "object" in kinds:
+        sets["empty"] = empty_scenes(bases)
 
     def run(scenes):
         r = patch_responses(features, scenes)
         return r[..., None] if r.dim() == 3 else r  # (scene, rows, cols, feature)
 
-    measured = {a: run(controlled_scenes(a, bases)).flatten(1, 2).amax(1).view(n_bases, len(VALUES[a]), -1)
-                for a in sorted(attrs)}  # (base, value, feature)
-    empty = run(empty_scenes(bases)).flatten(1, 2).amax(1) if "object" in kinds else None  # (base, feature)
-    grids = None
-    if kinds & {"patch", "background"}:
-        g = run(patch_variants(bases))
-        grids = g.view(n_bases, len(VALUES["cell"]) + 1, *g.shape[1:])  # (base, variant, rows, cols, feature)
+    grids = {k: run(v) for k, v in sets.items()}  # (scene, rows, cols, feature)
+    peak = {a: g.flatten(1, 2).amax(1).view(n_bases, -1, g.shape[-1])  # (base, value, feature)
+            for a, g in grids.items() if isinstance(a, str)}
     out = []
-    for i, (e, n) in enumerate(zip(explanations, names)):
-        attr = parse(e)[0]
-        if attr == "object":
-            r = torch.cat([_column(i, measured[a]) for a in OBJECT_ATTRIBUTES], 1)  # (base, value)
-            out.append(judge_object(r, _column(i, empty), n, **judge_kwargs))
+    if thresholds is not None and len(thresholds) != len(explanations):
+        raise InputError(f"{len(thresholds)} thresholds for {len(explanations)} explanations")
+    for i, (e, n, c) in enumerate(zip(explanations, names, compound)):
+        attr = None if c else parse(e)[0]
+        if thresholds is not None:
+            judge_kwargs["threshold"] = float(thresholds[i])
+        if c:
+            key = formula_axes(e)
+            out.append(judge_formula(_column(i, grids[key]), sets[key], e, n, **judge_kwargs))
+        elif attr == "object":
+            r = torch.cat([_column(i, peak[a]) for a in OBJECT_ATTRIBUTES], 1)  # (base, value)
+            out.append(judge_object(r, _column(i, peak["empty"])[:, 0], n, **judge_kwargs))
         elif attr in ("patch", "background"):
-            out.append(judge_patch(_column(i, grids), e, n, **judge_kwargs))
+            g = grids["patch"]
+            out.append(judge_patch(_column(i, g.view(n_bases, -1, *g.shape[1:])), e, n, **judge_kwargs))
         else:
-            out.append(judge(_column(i, measured[attr]), e, bases, n, **judge_kwargs))
+            out.append(judge(_column(i, peak[attr]), e, bases, n, **judge_kwargs))
     return out

@@ -14,8 +14,8 @@ import torch
 
 from vlmscope.data import DOMAINS
 from vlmscope.errors import InputError
-from vlmscope.methods.explain.concepts import all_concepts, concept_masks
-from vlmscope.methods.explain.describe import dissect
+from vlmscope.methods.explain.compose import atoms, dissect_formulas, is_compound, mask_of, parse_formula
+from vlmscope.methods.explain.concepts import all_concepts, concept_masks, parse
 from vlmscope.methods.explain.neurons import (
     DomainNeurons,
     ModalityNeurons,
@@ -95,14 +95,17 @@ CONCEPTS = ("colour", "shape", "size", "cell", "patch", "object", "background") 
 
 def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300, seed: int = 0,
                          quantile: float = 0.8, n_bases: int = 24, attributes: Sequence[str] = CONCEPTS,
-                         min_iou: float = 0.5) -> tuple[ExplainedFeatures, dict[str, float]]:
-    """Label the most frequent SAE latents at `site` by dissection on n zoo scenes (those with a best
-    IoU >= min_iou get a label), score the labels by simulation, and test each label with the
-    verification loop on controlled scenes; agreement is the share of labels that hold (and of all
-    examined features). Patch-level concepts only by default: a whole-image "domain=..." mask wins
-    IoU for any unselective feature. min_iou 0.5 rather than Bau et al.'s 0.04: on a 3 x 3 map a
-    random map of the same firing rate reaches IoU 0.1-0.2 with the larger masks (see
-    `chance_iou`); 0.5 means feature and concept overlap more than they differ."""
+                         min_iou: float = 0.5, length: int = 3,
+                         ratio: float | None = None) -> tuple[ExplainedFeatures, dict[str, float]]:
+    """Label the most frequent SAE latents at `site` by dissection on n zoo scenes with formulas of
+    up to `length` concepts (compose.py; 1: single concepts, Bau et al.), those with an IoU >= min_iou
+    get a label; score the labels by simulation, and test each label with the verification loop on
+    controlled scenes; agreement is the share of labels that hold (and of all examined features).
+    Patch-level concepts only by default: a whole-image "domain=..." mask wins IoU for any
+    unselective feature. min_iou 0.5 rather than Bau et al.'s 0.04: on a 3 x 3 map a random map of
+    the same firing rate reaches IoU 0.1-0.2 with the larger masks (see `chance_iou`); 0.5 means
+    feature and explanation overlap more than they differ. ratio: dissect at ratio x each feature's
+    peak instead of its top quantile (`dissect`)."""
     from vlmscope.data import render
 
     scenes = [e.scene for e in truth.examples(seed, n)]
@@ -114,7 +117,7 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     fmaps = maps[..., feats].permute(3, 0, 1, 2)  # (feature, scene, rows, cols)
     masks = concept_masks(scenes, tuple(maps.shape[1:3]), all_concepts(attributes))
     names = [f"latent {int(f)}" for f in feats]
-    dis = dissect(fmaps, masks, quantile, names, min_iou)
+    dis = dissect_formulas(fmaps, masks, quantile, names, min_iou, length, ratio=ratio)
     labelled = [i for i, lab in enumerate(dis.labels) if lab]
     lab_feats = feats[labelled]
     labels = tuple(dis.labels[i] for i in labelled)
@@ -125,20 +128,25 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
         return patch_maps(vlm, images, site, sae.encode)[..., lab_feats]
 
     checks = verify_many(latents, labels, n_bases=n_bases, seed=seed + 1, names=lab_names) if labels else []
-    res = ExplainedFeatures(site, lab_feats, labels, dis.best_iou[labelled], sim.correlation, sim.precision,
+    res = ExplainedFeatures(site, lab_feats, labels, dis.iou[labelled], sim.correlation, sim.precision,
                             tuple(c.verdict for c in checks), tuple(c.detail for c in checks), len(feats))
     chance = chance_iou(fmaps, masks, dis.threshold)
+    own = torch.stack([chance_iou(fmaps[i:i + 1], {lab: mask_of(lab, masks)}, dis.threshold[i:i + 1])[0, 0]
+                       for i, lab in zip(labelled, labels)]) if labels else torch.tensor([float("nan")])
     scores = {"features examined": len(feats), "features labelled": len(labelled), "labelling bar (IoU)": min_iou,
+              "longest formula (concepts)": length, "labels joining several concepts": sum(map(is_compound, labels)),
               "dissection / verification agreement": res.agreement,
               "agreement over all examined features": res.agreement_examined,
-              "mean best IoU": float(dis.best_iou.mean()),
+              "mean best IoU": float(dis.iou.mean()), "mean best single-concept IoU": float(dis.concept_iou.mean()),
               "largest chance IoU (random map, same firing rate)": float(chance.max()),
+              "largest chance IoU of a label (random map, same firing rate)": float(own.max()),
               "mean simulation correlation": float(sim.correlation.nanmean()),
               "mean label precision": float(sim.precision.nanmean())}
     for v in ("holds", "too broad", "too narrow", "does not hold"):
         scores[f"verdict: {v}"] = sum(c.verdict == v for c in checks)
-    for kind in ("patch", "object", "background", "cell"):
-        scores[f"labels naming {kind}"] = sum(lab.split("=")[0] == kind for lab in labels)
+    for kind in ("patch", "object", "background", "cell", "colour", "shape", "size"):
+        scores[f"labels naming {kind}"] = sum(any(parse(a)[0] == kind for a in atoms(parse_formula(lab)))
+                                              for lab in labels)
     return res, scores
 
 
