@@ -152,3 +152,65 @@ def test_formula_scenes_vary_named_attributes_together():
     assert len(cells) == 10 * (9 + 1) and cells[9].objects == ()  # the object in each cell, then none
     capped = formula_scenes("colour=red AND shape=circle AND cell=4", bases, max_scenes=500)
     assert len(capped) == 8 * 6 * 5 * 9  # at least 8 bases even past the cap
+
+
+def test_row_column_and_tone_concepts():
+    rng = np.random.default_rng(5)
+    scenes = [sample_scene(rng) for _ in range(40)]
+    masks = concept_masks(scenes, 3, ["row=1", "column=2", "tone=dark", "tone=light", "patch=5"])
+    assert masks["row=1"][:, 1].all() and not masks["row=1"][:, [0, 2]].any()
+    assert masks["column=2"][:, :, 2].all() and not masks["column=2"][:, :, :2].any()
+    assert torch.equal(mask_of("row=1 AND column=2", masks), masks["patch=5"])
+    dark = torch.tensor([s.grey < 128 for s in scenes])
+    assert 0 < int(dark.sum()) < len(scenes) and torch.equal(masks["tone=dark"].all((1, 2)), dark)
+    assert torch.equal(masks["tone=light"], ~masks["tone=dark"])
+    with pytest.raises(InputError, match="outside a 3x2"):
+        concept_masks(scenes, (3, 2), ["column=2"])
+    from vlmscope.methods.explain.verify import vary
+
+    s = scenes[0]
+    flipped = vary(s, "tone", "light" if s.grey < 128 else "dark")
+    assert flipped.grey == 255 - s.grey and flipped.objects == s.objects
+    assert vary(s, "tone", "dark" if s.grey < 128 else "light") == s  # already that tone: unchanged
+
+
+def _dark(images) -> torch.Tensor:
+    """(n,) whether each image's background (its median grey) is dark."""
+    x = torch.from_numpy(np.stack(images)).float().mean(-1)
+    return x.flatten(1).median(1).values < 128
+
+
+def test_verification_names_what_a_narrower_feature_depends_on():
+    """A red detector that fires only on dark backgrounds: "colour=red" is too narrow and the loop says
+    it depends on tone; "colour=red AND tone=dark" holds; in a formula the missed group gets the same note."""
+    def dark_red(images):
+        return _colour(images, ["red"]) * _dark(images)[:, None, None].float()
+
+    single = verify(dark_red, "colour=red", n_bases=24)
+    assert single.verdict == "too narrow" and single.detail == "depends on tone: fires for dark"
+    assert verify(dark_red, "colour=red AND tone=dark", n_bases=12).verdict == "holds"
+
+    def red_dark_green(images):
+        return torch.maximum(_colour(images, ["red"]), _colour(images, ["green"]) * _dark(images)[:, None, None])
+
+    either = verify(red_dark_green, "colour=red OR colour=green", n_bases=24)
+    assert either.verdict == "too narrow"
+    assert "misses colour=green" in either.detail and "depends on tone: fires for dark" in either.detail
+
+
+def test_dissect_at_a_share_of_the_peak_and_verify_at_a_given_threshold(world):
+    from vlmscope.methods.explain.describe import dissect
+
+    _, masks = world
+    red, obj = masks["colour=red"].float(), masks["object"].float()
+    maps = (4 * red + obj)[None]  # 5 on red objects, 1 on the others, 0 on background
+    assert dissect(maps, masks, quantile=0.5, ratio=0.1).labels == ("object",)  # above 0.5: every object
+    assert dissect(maps, masks, quantile=0.5, ratio=0.25).labels == ("colour=red",)  # above 1.25: red only
+    with pytest.raises(InputError, match="ratio"):
+        dissect(maps, masks, ratio=1.5)
+    two = lambda im: _colour(im, ["red"]) + _colour(im, ["red", "green"])  # noqa: E731  2 on red, 1 on green
+    assert verify(two, "colour=red", n_bases=12).verdict == "too broad"  # a quarter of the peak: 0.5 < 1
+    at = verify_many(two, ["colour=red"], n_bases=12, thresholds=[1.5])[0]
+    assert at.verdict == "holds" and at.threshold == 1.5
+    with pytest.raises(InputError, match="thresholds"):
+        verify_many(two, ["colour=red"], n_bases=4, thresholds=[1.0, 2.0])

@@ -1,11 +1,13 @@
 """The concepts explanations speak of on the shapes world, and their ground-truth masks over a patch grid.
 
 Object attributes: "colour=red", "shape=circle", "size=large", "cell=4" (an object whose grid cell is
-4); the image: "domain=noisy" (every patch of a noisy-background image); the patch itself:
-"patch=4" (the patch at grid position 4, whatever it shows), "object" (a patch showing any object:
-the union of every value of every attribute) and "background" (a patch showing none). Without the
-last three, a feature that fires at one position whatever is there, or on every object, can only be
-named by an object attribute it does not select.
+4); the image: "domain=noisy" (every patch of a noisy-background image), "tone=dark" (every patch
+of an image whose background grey level is below the middle of its range, `tone`); the patch itself:
+"patch=4" (the patch at grid position 4, whatever it shows), "row=1" and "column=2" (every patch of
+that grid row or column), "object" (a patch showing any object: the union of every value of every
+attribute) and "background" (a patch showing none). Without these, a feature that fires at one
+position whatever is there, or on every object, can only be named by an object attribute it does
+not select.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ from vlmscope.errors import InputError
 VALUES: dict[str, tuple[str, ...]] = {
     "colour": COLOURS, "shape": SHAPES, "size": SIZES, "cell": tuple(str(k) for k in range(GRID * GRID)),
     "domain": DOMAINS, "patch": tuple(str(k) for k in range(GRID * GRID)),
+    "row": tuple(str(k) for k in range(GRID)), "column": tuple(str(k) for k in range(GRID)),
+    "tone": ("dark", "light"),
 }
+SCENE_ATTRIBUTES = ("domain", "tone")  # properties of the whole image
+MID_GREY = 128  # scenes draw their background grey from 96..160: below 128 is "dark"
+
+
+def tone(scene) -> str:
+    """"dark" or "light": the scene's background grey level against the middle of its range."""
+    return "dark" if scene.grey < MID_GREY else "light"
+PLACES = ("patch", "row", "column")  # where a patch is, whatever it shows
 OBJECT_ATTRIBUTES = ("colour", "shape", "size", "cell")  # what the verification loop varies on an object
 WHOLE = ("object", "background")  # concepts without a value
 
@@ -50,7 +62,7 @@ def all_concepts(attributes: Sequence[str] = (*VALUES, *WHOLE)) -> list[str]:
 def concept_masks(scenes: Sequence, grid: int | tuple[int, int] = GRID,
                   concepts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """concept -> (scene, rows, cols) bool: the patches of objects with that attribute value
-    (`patch_objects` decides which object a patch shows); "domain=d" covers whole images of domain d,
+    (`patch_objects` decides which object a patch shows); "domain=d" and "tone=t" cover whole images,
     "patch=k" the patch at row k // cols, column k % cols of every image."""
     concepts = list(concepts) if concepts is not None else all_concepts()
     owners = np.stack([patch_objects(s, grid) for s in scenes])  # (scene, rows, cols)
@@ -60,14 +72,19 @@ def concept_masks(scenes: Sequence, grid: int | tuple[int, int] = GRID,
         m = np.zeros(owners.shape, dtype=bool)
         if attr in WHOLE:
             m = owners >= 0 if attr == "object" else owners < 0
-        elif attr == "patch":
-            k, cols = int(value), owners.shape[2]
-            if k >= owners.shape[1] * cols:
-                raise InputError(f"{c!r} lies outside a {owners.shape[1]}x{cols} patch grid")
-            m[:, k // cols, k % cols] = True
+        elif attr in PLACES:
+            k, (rows, cols) = int(value), owners.shape[1:]
+            if k >= {"patch": rows * cols, "row": rows, "column": cols}[attr]:
+                raise InputError(f"{c!r} lies outside a {rows}x{cols} patch grid")
+            if attr == "patch":
+                m[:, k // cols, k % cols] = True
+            elif attr == "row":
+                m[:, k, :] = True
+            else:
+                m[:, :, k] = True
         for i, s in enumerate(scenes):
-            if attr == "domain":
-                m[i] = s.domain == value
+            if attr in SCENE_ATTRIBUTES:
+                m[i] = (s.domain if attr == "domain" else tone(s)) == value
                 continue
             if attr not in OBJECT_ATTRIBUTES:
                 continue

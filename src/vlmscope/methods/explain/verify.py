@@ -21,6 +21,11 @@ whatever it shows) and "background" (fires wherever no object is) read the respo
 on the bases with the object moved through every cell and removed: "patch=k" must fire at patch k
 both when it shows the object and when it shows background, and rarely at other patches;
 "background" at every background patch and rarely at the object's.
+
+A formula of concepts (compose.py: "(patch=0 OR patch=1) AND background") and "row=r" / "column=c"
+are judged patch by patch (`judge_formula`) on scenes that vary every attribute the formula names
+together (`formula_scenes`): the patches are grouped by their values of those attributes, and the
+formula holds when the feature fires on every group it includes and rarely on every group it excludes.
 """
 
 from __future__ import annotations
@@ -37,7 +42,17 @@ from vlmscope.data.scene import CELL, JITTER, Scene, place, random_attrs
 from vlmscope.data.vocab import DOMAINS, GRID
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, evaluate, is_compound, parse_formula
-from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, VALUES, WHOLE, concept_masks, parse
+from vlmscope.methods.explain.concepts import (
+    MID_GREY,
+    OBJECT_ATTRIBUTES,
+    PLACES,
+    SCENE_ATTRIBUTES,
+    VALUES,
+    WHOLE,
+    concept_masks,
+    parse,
+    tone,
+)
 from vlmscope.results import Result
 
 FeatureFn = Callable[[list[np.ndarray]], torch.Tensor]  # images -> (n, rows, cols[, feature])
@@ -77,9 +92,12 @@ def base_scenes(n: int, seed: int = 0) -> list[Scene]:
 
 
 def vary(scene: Scene, attribute: str, value: str) -> Scene:
-    """The scene with its first object's `attribute` (or the background domain) set to `value`."""
+    """The scene with its first object's `attribute` (or the background's domain or tone) set to
+    `value`; a tone change mirrors the grey level about the middle of its range (dark 100 <-> light 155)."""
     if attribute == "domain":
         return replace(scene, domain=value)
+    if attribute == "tone":
+        return scene if tone(scene) == value else replace(scene, grey=2 * MID_GREY - 1 - scene.grey)
     if attribute == "cell":
         o, k = scene.objects[0], int(value)
         dx, dy = o.x - (o.col * CELL + CELL // 2), o.y - (o.row * CELL + CELL // 2)
@@ -98,16 +116,19 @@ def controlled_scenes(attribute: str, bases: Sequence[Scene]) -> list[Scene]:
 
 
 def _trait(scene: Scene, attribute: str) -> str:
+    if attribute in SCENE_ATTRIBUTES:
+        return scene.domain if attribute == "domain" else tone(scene)
     o = scene.objects[0]
-    return scene.domain if attribute == "domain" else str(o.cell) if attribute == "cell" else getattr(o, attribute)
+    return str(o.cell) if attribute == "cell" else getattr(o, attribute)
 
 
 def judge(response: torch.Tensor, explanation: str, bases: Sequence[Scene], feature: str = "feature",
           ratio: float = 0.25, hold: float = 0.8, off: float = 0.2, threshold: float | None = None) -> Verification:
     """The verdict from responses (base, value) of the explained attribute's values (see module doc)."""
     attr, value = parse(explanation)
-    if attr not in VALUES or attr == "patch":
-        raise InputError(f"judge reads an attribute value; {explanation!r} needs judge_object or judge_patch")
+    if attr not in VALUES or attr in PLACES:
+        raise InputError(f"judge reads an attribute value; {explanation!r} needs judge_object, judge_patch or "
+                         "judge_formula")
     values = VALUES[attr]
     e = values.index(value)
     threshold = _threshold(response, ratio, threshold)
@@ -134,19 +155,30 @@ def _one_hot(n: int, *on: int) -> torch.Tensor:
     return m
 
 
-def _narrowing(fired: torch.Tensor, bases: Sequence[Scene], varied: str) -> str:
-    """The other attribute whose values best separate the bases where the feature fired."""
-    best, text = -1.0, ""
-    for attr in (*OBJECT_ATTRIBUTES, "domain"):
-        if attr == varied:
+def _narrowing(fired: torch.Tensor, bases: Sequence[Scene], varied: str | Sequence[str],
+               min_score: float = 0.0) -> str:
+    """The other attribute that best explains where the feature fired (one scene per observation):
+    the largest share of the firing's variance explained by the attribute's values, adjusted for
+    their number (epsilon-squared, so a 9-valued attribute does not win by chance over a 2-valued
+    one), if above `min_score`; `varied`: the attribute(s) the explanation names, not candidates."""
+    best, text = min_score, ""
+    for attr in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES):
+        if attr == varied or attr in varied:
             continue
         groups: dict[str, list[bool]] = {}
         for f, b in zip(fired.tolist(), bases):
-            groups.setdefault(_trait(b, attr), []).append(bool(f))
+            if b.objects or attr in SCENE_ATTRIBUTES:
+                groups.setdefault(_trait(b, attr), []).append(bool(f))
+        n, k = sum(map(len, groups.values())), len(groups)
+        mean = sum(map(sum, groups.values())) / max(n, 1)
+        total = n * mean * (1 - mean)  # sum of squares of a 0/1 variable
+        if k < 2 or n <= k or total == 0:
+            continue
         rates = {v: sum(x) / len(x) for v, x in groups.items()}
-        spread = max(rates.values()) - min(rates.values())
-        if spread > best:
-            best = spread
+        within = total - sum(len(x) * (rates[v] - mean) ** 2 for v, x in groups.items())
+        score = 1 - (within / (n - k)) / (total / (n - 1))
+        if score > best:
+            best = score
             text = f"depends on {attr}: fires for " + ", ".join(sorted(v for v, r in rates.items() if r >= 0.5))
     return text
 
@@ -295,6 +327,7 @@ def judge_formula(maps: torch.Tensor, scenes: Sequence[Scene], explanation: str,
     inside = torch.bincount(group, weights=truth.double(), minlength=len(keys)) > count / 2  # (group,)
     keep = count >= min_count
     keys, rate, inside, count = keys[keep], rate[keep].float(), inside[keep], count[keep]
+    kept = torch.nonzero(keep).flatten()  # (group,) their index among all groups
     values = tuple(_group_name(attrs, k) for k in keys.tolist())
     if not inside.any():
         raise InputError(f"no controlled patch satisfies {explanation!r}; it cannot be tested")
@@ -303,11 +336,17 @@ def judge_formula(maps: torch.Tensor, scenes: Sequence[Scene], explanation: str,
     verdict = _verdict(on, off_max, hold, off, reach)
     worst = [(x, v) for x, v, i in zip(rate.tolist(), values, inside.tolist()) if not i and x > off]
     missed = [(x, v) for x, v, i in zip(rate.tolist(), values, inside.tolist()) if i and x < hold]
+    why = ""
+    if missed and verdict != "does not hold":  # what the firing in the groups it misses depends on
+        cells = maps[0].numel()
+        short = [g for g, i, x in zip(kept.tolist(), inside.tolist(), rate.tolist()) if i and x < hold]
+        at = torch.nonzero(torch.isin(group, torch.tensor(short))).flatten()  # (patch,)
+        why = _narrowing((flat[at] > threshold), [scenes[int(i) // cells] for i in at], attrs, min_score=0.25)
     detail = "; ".join(x for x in (
         "also fires on " + ", ".join(v for _, v in sorted(worst, reverse=True)[:3]) if worst else "",
-        "misses " + ", ".join(v for _, v in sorted(missed)[:3]) if missed and verdict != "does not hold" else "") if x)
+        "misses " + ", ".join(v for _, v in sorted(missed)[:3]) if missed and verdict != "does not hold" else "",
+        why) if x)
     response = torch.full((int(count.max()), len(values)), float("nan"))  # (observation, group)
-    kept = torch.nonzero(keep).flatten()
     for j, g in enumerate(kept.tolist()):
         r = flat[group == g]
         response[:len(r), j] = r
@@ -328,8 +367,8 @@ def formula_axes(explanation: str) -> tuple[str, ...]:
     """The attributes a formula's controlled scenes vary together: those it names ("patch",
     "object" and "background" move the object through every cell, "cell")."""
     kinds = {parse(a)[0] for a in atoms(parse_formula(explanation))}
-    moves = bool(kinds & {"patch", *WHOLE})
-    return tuple(a for a in (*OBJECT_ATTRIBUTES, "domain") if a in kinds or (a == "cell" and moves))
+    moves = bool(kinds & {*PLACES, *WHOLE})
+    return tuple(a for a in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES) if a in kinds or (a == "cell" and moves))
 
 
 def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3000) -> list[Scene]:
@@ -337,7 +376,7 @@ def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3
     it names (`formula_axes`), everything else held fixed, plus the base emptied when it speaks of
     patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`."""
     axes = formula_axes(explanation)
-    empty = bool({parse(a)[0] for a in atoms(parse_formula(explanation))} & {"patch", *WHOLE})
+    empty = bool({parse(a)[0] for a in atoms(parse_formula(explanation))} & {*PLACES, *WHOLE})
     combos = list(itertools.product(*(VALUES[a] for a in axes)))
     n = max(8, min(len(bases), max_scenes // (len(combos) + empty)))
     out = []
@@ -386,9 +425,9 @@ def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int =
     at), instead of a share of its peak on the controlled scenes."""
     bases = base_scenes(n_bases, seed)
     names = list(names) if names is not None else [str(i) for i in range(len(explanations))]
-    compound = [is_compound(e) for e in explanations]
+    compound = [is_compound(e) or parse(e)[0] in ("row", "column") for e in explanations]  # read as formulas
     kinds = {parse(e)[0] for e, c in zip(explanations, compound) if not c}
-    needed = {a for a in kinds if a in VALUES and a != "patch"}
+    needed = {a for a in kinds if a in VALUES and a not in PLACES}
     needed |= set(OBJECT_ATTRIBUTES) if "object" in kinds else set()
     sets = {a: controlled_scenes(a, bases) for a in needed}
     if kinds & {"patch", "background"}:

@@ -90,7 +90,7 @@ class ExplainedFeatures(Result):
                              "detail": list(self.details)})
 
 
-CONCEPTS = ("colour", "shape", "size", "cell", "patch", "object", "background")  # patch-level, see concepts.py
+CONCEPTS = ("colour", "shape", "size", "cell", "patch", "row", "column", "object", "background", "tone")
 
 
 def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300, seed: int = 0,
@@ -144,7 +144,7 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
               "mean label precision": float(sim.precision.nanmean())}
     for v in ("holds", "too broad", "too narrow", "does not hold"):
         scores[f"verdict: {v}"] = sum(c.verdict == v for c in checks)
-    for kind in ("patch", "object", "background", "cell", "colour", "shape", "size"):
+    for kind in ("patch", "row", "column", "object", "background", "cell", "colour", "shape", "size"):
         scores[f"labels naming {kind}"] = sum(any(parse(a)[0] == kind for a in atoms(parse_formula(lab)))
                                               for lab in labels)
     return res, scores
