@@ -1,0 +1,101 @@
+"""The controlled scenes of the verification loop: single-object bases of the shapes world and
+their variations, one attribute at a time (`controlled_scenes`), the object moved through every
+cell and removed (`patch_variants`), or every combination of the attributes a formula names
+(`formula_scenes`)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from vlmscope.data.scene import CELL, JITTER, Scene, place, random_attrs
+from vlmscope.data.vocab import DOMAINS, GRID
+from vlmscope.methods.explain.compose import atoms, parse_formula
+from vlmscope.methods.explain.concepts import (
+    MID_GREY,
+    OBJECT_ATTRIBUTES,
+    PLACES,
+    SCENE_ATTRIBUTES,
+    VALUES,
+    WHOLE,
+    parse,
+    tone,
+)
+
+
+def base_scenes(n: int, seed: int = 0) -> list[Scene]:
+    """n random single-object scenes (random shape, colour, size, cell, background)."""
+    rng = np.random.default_rng([seed, 4241])
+    return [place(rng, random_attrs(rng, 1), domain=DOMAINS[int(rng.integers(len(DOMAINS)))]) for _ in range(n)]
+
+
+def vary(scene: Scene, attribute: str, value: str) -> Scene:
+    """The scene with its first object's `attribute` (or the background's domain or tone) set to
+    `value`; a tone change mirrors the grey level about the middle of its range (dark 100 <-> light 155)."""
+    if attribute == "domain":
+        return replace(scene, domain=value)
+    if attribute == "tone":
+        return scene if tone(scene) == value else replace(scene, grey=2 * MID_GREY - 1 - scene.grey)
+    if attribute == "cell":
+        o, k = scene.objects[0], int(value)
+        dx, dy = o.x - (o.col * CELL + CELL // 2), o.y - (o.row * CELL + CELL // 2)
+        return scene.with_object(0, cell=k, x=(k % GRID) * CELL + CELL // 2 + dx, y=(k // GRID) * CELL + CELL // 2 + dy)
+    if attribute == "size":  # a large object tolerates less jitter: pull the centre in if needed
+        o, j = scene.objects[0], JITTER[value]
+        cx, cy = o.col * CELL + CELL // 2, o.row * CELL + CELL // 2
+        x, y = cx + max(-j, min(j, o.x - cx)), cy + max(-j, min(j, o.y - cy))
+        return scene.with_object(0, size=value, x=x, y=y)
+    return scene.with_object(0, **{attribute: value})
+
+
+def controlled_scenes(attribute: str, bases: Sequence[Scene]) -> list[Scene]:
+    """Every base with `attribute` set to each of its values, base-major (base * values + value)."""
+    return [vary(b, attribute, v) for b in bases for v in VALUES[attribute]]
+
+
+def empty_scenes(bases: Sequence[Scene]) -> list[Scene]:
+    """Every base with its object removed: the same background, nothing on it."""
+    return [replace(b, objects=()) for b in bases]
+
+
+def patch_variants(bases: Sequence[Scene]) -> list[Scene]:
+    """Every base with its object in each cell, then empty, base-major (base * (cells + 1) + variant)."""
+    cells = controlled_scenes("cell", bases)
+    n = len(VALUES["cell"])
+    return [s for i, e in enumerate(empty_scenes(bases)) for s in (*cells[i * n:(i + 1) * n], e)]
+
+
+def object_values() -> tuple[str, ...]:
+    """The values `judge_object` sees, attribute-major: "colour=red", ..., "cell=8"."""
+    return tuple(f"{a}={v}" for a in OBJECT_ATTRIBUTES for v in VALUES[a])
+
+
+def formula_axes(explanation: str) -> tuple[str, ...]:
+    """The attributes a formula's controlled scenes vary together: those it names ("patch",
+    "object" and "background" move the object through every cell, "cell")."""
+    kinds = {parse(a)[0] for a in atoms(parse_formula(explanation))}
+    moves = bool(kinds & {*PLACES, *WHOLE})
+    return tuple(a for a in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES) if a in kinds or (a == "cell" and moves))
+
+
+def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3000) -> list[Scene]:
+    """Controlled scenes for a formula: from each base, every combination of values of the attributes
+    it names (`formula_axes`), everything else held fixed, plus the base emptied when it speaks of
+    patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`."""
+    axes = formula_axes(explanation)
+    empty = bool({parse(a)[0] for a in atoms(parse_formula(explanation))} & {*PLACES, *WHOLE})
+    combos = list(itertools.product(*(VALUES[a] for a in axes)))
+    n = max(8, min(len(bases), max_scenes // (len(combos) + empty)))
+    out = []
+    for b in bases[:n]:
+        for combo in combos:
+            s = b
+            for a, v in zip(axes, combo):
+                s = vary(s, a, v)
+            out.append(s)
+        if empty:
+            out.append(replace(b, objects=()))
+    return out

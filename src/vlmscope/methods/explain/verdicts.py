@@ -1,0 +1,100 @@
+"""How the verification loop decides (see verify.py): the `Verification` result, when a feature
+counts as firing, the verdict from firing rates, and which other attribute a too-narrow feature
+depends on."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vlmscope.data.scene import Scene
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, SCENE_ATTRIBUTES, tone
+from vlmscope.results import Result
+
+
+@dataclass(frozen=True, repr=False)
+class Verification(Result):
+    """Responses of a feature to controlled images varying one attribute, and the verdict."""
+
+    kind = "verification"
+    feature: str
+    explanation: str
+    values: tuple[str, ...]  # the varied attribute's values (a formula: the kinds of patch it tells apart)
+    response: torch.Tensor  # (base, value) max over patches; patch=k, background: (scene, value) at that patch
+    fire_rate: torch.Tensor  # (value,) share of bases where it fires
+    threshold: float
+    verdict: str
+    detail: str
+    explained: torch.Tensor  # (value,) bool: the values the explanation says it fires on
+
+    def __repr__(self) -> str:
+        detail = f"; {self.detail}" if self.detail else ""
+        return f"Verification({self.feature}: {self.explanation!r} {self.verdict}{detail})"
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame({"value": list(self.values), "fire_rate": self.fire_rate.tolist(),
+                             "mean_response": self.response.nanmean(0).tolist(),
+                             "explained": self.explained.tolist()})
+
+
+def firing_threshold(response: torch.Tensor, ratio: float, given: float | None = None) -> float:
+    """A feature fires above `given` when set (the activation its label was found at), else above
+    `ratio` x its largest response (never, if it never responds)."""
+    if given is not None:
+        return float(given)
+    peak = float(response.max())
+    return ratio * peak if peak > 0 else float("inf")
+
+
+def decide(on: float, off_max: float, hold: float, off: float, reach: float | None = None) -> str:
+    """on: the rate on the whole explained set; off_max: the highest rate outside it; reach: the rate
+    on the part of the explained set it fires on most (= on for one value)."""
+    broad, narrow = off_max > off, on < hold
+    if (on if reach is None else reach) <= off or (broad and narrow):
+        return "does not hold"
+    return "too broad" if broad else "too narrow" if narrow else "holds"
+
+
+def marked(n: int, *on: int) -> torch.Tensor:
+    m = torch.zeros(n, dtype=torch.bool)
+    m[list(on)] = True
+    return m
+
+
+def trait(scene: Scene, attribute: str) -> str:
+    if attribute in SCENE_ATTRIBUTES:
+        return scene.domain if attribute == "domain" else tone(scene)
+    o = scene.objects[0]
+    return str(o.cell) if attribute == "cell" else getattr(o, attribute)
+
+
+def depends_on(fired: torch.Tensor, bases: Sequence[Scene], varied: str | Sequence[str],
+               min_score: float = 0.0) -> str:
+    """The other attribute that best explains where the feature fired (one scene per observation):
+    the largest share of the firing's variance explained by the attribute's values, adjusted for
+    their number (epsilon-squared, so a 9-valued attribute does not win by chance over a 2-valued
+    one), if above `min_score`; `varied`: the attribute(s) the explanation names, not candidates."""
+    best, text = min_score, ""
+    for attr in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES):
+        if attr == varied or attr in varied:
+            continue
+        groups: dict[str, list[bool]] = {}
+        for f, b in zip(fired.tolist(), bases):
+            if b.objects or attr in SCENE_ATTRIBUTES:
+                groups.setdefault(trait(b, attr), []).append(bool(f))
+        n, k = sum(map(len, groups.values())), len(groups)
+        mean = sum(map(sum, groups.values())) / max(n, 1)
+        total = n * mean * (1 - mean)  # sum of squares of a 0/1 variable
+        if k < 2 or n <= k or total == 0:
+            continue
+        rates = {v: sum(x) / len(x) for v, x in groups.items()}
+        within = total - sum(len(x) * (rates[v] - mean) ** 2 for v, x in groups.items())
+        score = 1 - (within / (n - k)) / (total / (n - 1))
+        if score > best:
+            best = score
+            text = f"depends on {attr}: fires for " + ", ".join(sorted(v for v, r in rates.items() if r >= 0.5))
+    return text
