@@ -4,8 +4,8 @@ Each row runs `grounded.sae_concepts` (TopK SAE, 64 latents, image patches of n 
 split; for each colour the best single feature's F1 for "the object at this patch has that colour",
 background patches as negatives) and prints the F1 per colour. The setups match rows of the
 table in docs/sae.md ("Colour concept F1 on shapes-llava"): today's default, the same with k = 10
-on 20,000 scenes, that with the rows ZCA-whitened first (`TrainConfig.whiten`), and that trained
-for 20,000 steps.
+on 20,000 scenes, that with the rows ZCA-whitened first (`TrainConfig.whiten`), that trained
+for 20,000 steps, and a whitened Matryoshka SAE of 128 latents whose first 32 must reconstruct alone.
 
     python benchmarks/sae_zoo_colours.py --seeds 0,1              # 4 setups x 2 seeds, ~20 min on one core
     python benchmarks/sae_zoo_colours.py --setups whitened --seeds 0 --out colours.json
@@ -24,6 +24,7 @@ SETUPS = {
     "k10-20k": {"k": 10, "n": 20000, "steps": 6000, "whiten": 0.0},
     "whitened": {"k": 10, "n": 20000, "steps": 6000, "whiten": 0.1},
     "whitened-long": {"k": 10, "n": 20000, "steps": 20000, "whiten": 0.1},
+    "matryoshka": {"k": 10, "n": 20000, "steps": 6000, "whiten": 0.1, "d_sae": 128, "matryoshka": (32,)},
 }
 
 

@@ -219,12 +219,14 @@ def _answer_logit(answers: torch.Tensor):
 
 
 def sae_concepts(vlm, site: str | None = None, n: int = 1500, seed: int = 0, architecture: str = "topk",
-                 k: int = 4, d_sae: int = 64, steps: int = 800, whiten: float = 0.0, out_dir=None):
+                 k: int = 4, d_sae: int = 64, steps: int = 800, whiten: float = 0.0, matryoshka: tuple[int, ...] = (),
+                 out_dir=None):
     """Train an SAE on `site` at image patches of zoo scenes, then ask: for each colour and shape,
     does one feature fire exactly on the patches of objects with that concept? Background
     patches count as negatives. Returns (sae, colour F1, shape F1, scores). whiten: ZCA-whiten the
     rows first (TrainConfig.whiten); the best setup measured (docs/sae.md, "Colour concept F1")
-    is whiten=0.1, k=10, n=20000, steps=20000 (benchmarks/sae_zoo_colours.py)."""
+    is whiten=0.1, k=10, n=20000, steps=20000 (benchmarks/sae_zoo_colours.py). matryoshka: nested
+    prefix widths (sae/matryoshka.py)."""
     from vlmscope.methods.sae import SAESpec, TensorSource, TrainConfig, concept_f1, train_saes
 
     site = site or vlm.sites("vision.blocks.*.resid_post")[-1]  # default: the last vision block
@@ -244,7 +246,7 @@ def sae_concepts(vlm, site: str | None = None, n: int = 1500, seed: int = 0, arc
         shapes.append(shp[keep])
     acts, colours, shapes = torch.cat(rows), torch.cat(colours), torch.cat(shapes)
     split = int(0.8 * len(acts))
-    spec = SAESpec(site, architecture, d_sae=d_sae, k=k, name=f"{site}-{architecture}")
+    spec = SAESpec(site, architecture, d_sae=d_sae, k=k, name=f"{site}-{architecture}", matryoshka=tuple(matryoshka))
     cfg = TrainConfig(steps=steps, batch_size=512, lr=3e-3, warmup_steps=50, seed=seed, checkpoint_every=10_000,
                       whiten=whiten)
     sae = train_saes(TensorSource({site: acts[:split]}), [spec], cfg, out_dir=out_dir, progress=False)[spec.label()]

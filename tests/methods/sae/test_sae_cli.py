@@ -57,3 +57,14 @@ def test_train_whitened(tmp_path):
     assert json.loads((out / "training.json").read_text())["config"]["train"]["whiten"] == 0.1
     norms = S.load_sae(out / "connector.out-topk-x2-k4").W_dec.detach().norm(dim=-1)
     assert float(norms.max() / norms.min()) > 1.01
+
+
+def test_train_matryoshka(tmp_path):
+    """--matryoshka reaches the SAE: its folder name and saved config carry the prefix widths."""
+    out = tmp_path / "run"
+    argv = ["sae", "train", "--model", "tiny-llava", "--site", "connector.out", "--k", "4", "--expansion", "2",
+            "--examples", "32", "--steps", "6", "--batch-size", "32", "--chunk-examples", "16", "--matryoshka", "8,16",
+            "--out", str(out), "--quiet"]
+    assert _main(argv) == 0
+    sae = S.load_sae(out / "connector.out-topk-x2-k4-m8.16")
+    assert sae.cfg.matryoshka == (8, 16)

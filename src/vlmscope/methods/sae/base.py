@@ -5,8 +5,9 @@ An SAE maps an activation z (d_in) to sparse latents h (d_sae) and back, as the 
     h = σ((z − b_dec) W_enc + b_enc)        ẑ = h W_dec + b_dec
 
 σ is the architecture's activation: ReLU (relu.py), TopK (topk.py), BatchTopK (batchtopk.py) or
-JumpReLU (jumprelu.py). Parameters carry SAELens's names and shapes — W_enc (d_in, d_sae),
-b_enc (d_sae,), W_dec (d_sae, d_in), b_dec (d_in,) — so io.py writes files SAELens reads.
+JumpReLU (jumprelu.py); any of them can be trained as a Matryoshka SAE (matryoshka.py).
+Parameters carry SAELens's names and shapes — W_enc (d_in, d_sae), b_enc (d_sae,), W_dec
+(d_sae, d_in), b_dec (d_in,) — so io.py writes files SAELens reads.
 
 Decoder norms: during training every architecture keeps each decoder row at unit L2 norm (the
 gradient's component along the row is removed before the optimiser step and the row is
@@ -24,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vlmscope.methods.sae.matryoshka import check_widths
+
 ARCHITECTURES: dict[str, type[SAE]] = {}
 
 
@@ -40,6 +43,7 @@ class SAEConfig:
     model: str = ""
     apply_b_dec_to_input: bool = True  # SAELens: subtract b_dec before encoding (the survey's form)
     rescale_acts_by_decoder_norm: bool = False  # SAELens topk option, honoured when loading
+    matryoshka: tuple[int, ...] = ()  # nested prefix widths that also reconstruct in training (matryoshka.py)
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -47,6 +51,7 @@ class SAEConfig:
                              f"valid: {', '.join(ARCHITECTURES)}")
         if self.d_in <= 0 or self.d_sae <= 0:
             raise ValueError(f"d_in and d_sae must be positive, got {self.d_in} and {self.d_sae}")
+        object.__setattr__(self, "matryoshka", check_widths(self.matryoshka, self.d_sae))
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ def _restore(t: dict[str, torch.Tensor], specs: Sequence[SAESpec], cfg: TrainCon
     saes, opts, silent = [], [], []
     for i, spec in enumerate(specs):
         d_sae, d_in = t[f"sae{i}/W_dec"].shape
-        sae = build_sae(SAEConfig(spec.architecture, d_in, d_sae, k=spec.k, site=spec.site))
+        sae = build_sae(SAEConfig(spec.architecture, d_in, d_sae, k=spec.k, site=spec.site,
+                                  matryoshka=tuple(spec.matryoshka)))
         sae.load_state_dict({k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(f"sae{i}/")})
         sae.to(dev)
         opt = adam(sae, cfg)

@@ -40,6 +40,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tr.add_argument("--d-sae", type=int, default=None, help="latents (default: expansion x d_in)")
     tr.add_argument("--expansion", type=int, default=8)
     tr.add_argument("--sparsity", type=float, default=None, help="ReLU L1 / JumpReLU L0 coefficient")
+    tr.add_argument("--matryoshka", default="", help="nested prefix widths, e.g. 32,128 (Matryoshka SAE; "
+                    "each prefix of the latents must also reconstruct)")
     tr.add_argument("--positions", default="image", help="token role that trains it: image, text or all")
     tr.add_argument("--examples", type=int, default=512, help="examples streamed through the model")
     tr.add_argument("--steps", type=int, default=2000)
@@ -89,8 +91,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmscope.scale import distributed
 
     torch.set_num_threads(1)
-    specs = [SAESpec(site, arch, d_sae=args.d_sae, expansion=args.expansion, k=args.k, sparsity=args.sparsity)
-             for site in args.site for arch in (args.arch or ["topk"])]
+    nest = tuple(int(w) for w in args.matryoshka.split(",") if w.strip())
+    specs = [SAESpec(site, arch, d_sae=args.d_sae, expansion=args.expansion, k=args.k, sparsity=args.sparsity,
+                     matryoshka=nest) for site in args.site for arch in (args.arch or ["topk"])]
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, whiten=args.whiten,
                       checkpoint_every=args.checkpoint_every, warmup_steps=min(100, max(args.steps // 10, 1)))
     out = Path(args.out)

@@ -4,9 +4,10 @@ Tensors carry SAELens's names and shapes: W_enc (d_in, d_sae), W_dec (d_sae, d_i
 b_dec (d_in,), and `threshold` (d_sae,) for JumpReLU. `cfg.json` holds SAELens's keys (d_in, d_sae,
 dtype, device, apply_b_dec_to_input, normalize_activations, reshape_activations, architecture, and
 k / rescale_acts_by_decoder_norm for TopK) and vlmscope's own description under
-metadata["vlmscope"] (format, architecture, site, positions, model, k). Architectures map to
-SAELens's: relu → "standard", topk → "topk", jumprelu → "jumprelu", batchtopk → "jumprelu" with its
-inference threshold (which is how SAELens itself saves BatchTopK SAEs).
+metadata["vlmscope"] (format, architecture, site, positions, model, k, and matryoshka widths when
+trained so). Architectures map to SAELens's: relu → "standard", topk → "topk", jumprelu →
+"jumprelu", batchtopk → "jumprelu" with its inference threshold (which is how SAELens itself saves
+BatchTopK and Matryoshka BatchTopK SAEs); a Matryoshka SAE is saved as its base architecture.
 
 Loading is strict about what changes the function: an unknown tensor, a missing one, a wrong
 shape or a config value we do not implement is an error. Descriptive SAELens keys (dataset,
@@ -27,8 +28,10 @@ from vlmscope.model.store import _atomic_write_bytes
 FORMAT = 1
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk"}
+FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
+                "matryoshka_batchtopk": "batchtopk"}  # SAELens training files; its inference files are jumprelu
 _OURS = ("format", "architecture", "site", "positions", "model", "k")
+_OPTIONAL = ("matryoshka",)  # training-only descriptions, written when set
 
 
 def sae_config_dict(sae: SAE) -> dict:
@@ -40,6 +43,8 @@ def sae_config_dict(sae: SAE) -> dict:
            "metadata": {"hook_name": c.site, "model_name": c.model,
                         "vlmscope": {"format": FORMAT, "architecture": c.architecture, "site": c.site,
                                      "positions": c.positions, "model": c.model, "k": c.k}}}
+    if c.matryoshka:
+        doc["metadata"]["vlmscope"]["matryoshka"] = list(c.matryoshka)
     if c.architecture == "topk":
         doc.update(k=c.k, rescale_acts_by_decoder_norm=c.rescale_acts_by_decoder_norm)
     return doc
@@ -73,7 +78,7 @@ def load_sae(path: str | Path) -> SAE:
 
 
 def _our_config(doc: dict, ours: dict, path: Path) -> SAEConfig:
-    unknown, missing = set(ours) - set(_OURS), set(_OURS) - set(ours)
+    unknown, missing = set(ours) - set(_OURS) - set(_OPTIONAL), set(_OURS) - set(ours)
     if unknown or missing:
         raise ValueError(f"{path / CFG}: metadata.vlmscope keys {sorted(unknown)} are unknown and "
                          f"{sorted(missing)} missing (expected {', '.join(_OURS)})")
@@ -82,7 +87,8 @@ def _our_config(doc: dict, ours: dict, path: Path) -> SAEConfig:
     return SAEConfig(ours["architecture"], int(doc["d_in"]), int(doc["d_sae"]), k=int(ours["k"]),
                      site=ours["site"], positions=ours["positions"], model=ours["model"],
                      apply_b_dec_to_input=bool(doc.get("apply_b_dec_to_input", True)),
-                     rescale_acts_by_decoder_norm=bool(doc.get("rescale_acts_by_decoder_norm", False)))
+                     rescale_acts_by_decoder_norm=bool(doc.get("rescale_acts_by_decoder_norm", False)),
+                     matryoshka=tuple(ours.get("matryoshka", ())))
 
 
 def _saelens_config(doc: dict, path: Path) -> SAEConfig:

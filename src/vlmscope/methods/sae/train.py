@@ -42,6 +42,7 @@ from vlmscope.errors import InputError
 from vlmscope.methods.sae.base import SAE, LossContext, SAEConfig, StepOut, build_sae
 from vlmscope.methods.sae.checkpoints import TrainState, adam, resume, save_checkpoint
 from vlmscope.methods.sae.io import save_sae
+from vlmscope.methods.sae.matryoshka import nested_loss
 from vlmscope.methods.sae.relu import resample_dead
 from vlmscope.methods.sae.sources import Source, generator
 from vlmscope.model.store import _atomic_write_bytes
@@ -63,13 +64,15 @@ class SAESpec:
     k: int = 32
     sparsity: float | None = None
     name: str | None = None
+    matryoshka: tuple[int, ...] = ()  # nested prefix widths (matryoshka.py); () for a plain SAE
 
     def label(self) -> str:
         if self.name:
             return self.name
         size = self.d_sae or f"x{self.expansion}"
         knob = f"k{self.k}" if self.architecture in ("topk", "batchtopk") else f"s{self.coefficient():g}"
-        return f"{self.site}-{self.architecture}-{size}-{knob}"
+        nest = "-m" + ".".join(map(str, self.matryoshka)) if self.matryoshka else ""
+        return f"{self.site}-{self.architecture}-{size}-{knob}{nest}"
 
     def coefficient(self) -> float:
         return self.sparsity if self.sparsity is not None else DEFAULT_SPARSITY.get(self.architecture, 0.0)
@@ -196,6 +199,9 @@ class _Objective(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: LossContext):
         out = self.sae.train_step(x, ctx)
+        if self.sae.cfg.matryoshka:
+            nested = nested_loss(self.sae, x, out.acts, self.sae.cfg.matryoshka)
+            out.loss, out.parts["nested"] = out.loss + nested, nested.detach()
         return out.loss, out.recon, out.acts, out.parts
 
 
@@ -211,7 +217,8 @@ def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig, dev: torch.de
     saes, opts, silent = [], [], []
     for i, spec in enumerate(specs):
         d_in = first[spec.site].shape[1]
-        sc = SAEConfig(spec.architecture, d_in, spec.d_sae or spec.expansion * d_in, k=spec.k, site=spec.site)
+        sc = SAEConfig(spec.architecture, d_in, spec.d_sae or spec.expansion * d_in, k=spec.k, site=spec.site,
+                       matryoshka=tuple(spec.matryoshka))
         sae = build_sae(sc)
         sae.init_weights(generator(cfg.seed, "init", i, spec.label()))
         sae.prepare_training(cfg)
