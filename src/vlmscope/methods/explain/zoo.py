@@ -15,7 +15,7 @@ import torch
 from vlmscope.data import DOMAINS
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, dissect_formulas, is_compound, mask_of, parse_formula
-from vlmscope.methods.explain.concepts import all_concepts, concept_masks, parse
+from vlmscope.methods.explain.concepts import PLACES, all_concepts, concept_masks, parse
 from vlmscope.methods.explain.neurons import (
     DomainNeurons,
     ModalityNeurons,
@@ -144,9 +144,10 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
               "mean label precision": float(sim.precision.nanmean())}
     for v in ("holds", "too broad", "too narrow", "does not hold"):
         scores[f"verdict: {v}"] = sum(c.verdict == v for c in checks)
-    for kind in ("patch", "row", "column", "object", "background", "cell", "colour", "shape", "size"):
-        scores[f"labels naming {kind}"] = sum(any(parse(a)[0] == kind for a in atoms(parse_formula(lab)))
-                                              for lab in labels)
+    kinds = [{parse(a)[0] for a in atoms(parse_formula(lab))} for lab in labels]
+    for kind in ("patch", "row", "column", "object", "background", "cell", "colour", "shape", "size", "tone"):
+        scores[f"labels naming {kind}"] = sum(kind in k for k in kinds)
+    scores["labels naming a position (patch, row or column)"] = sum(bool(k & set(PLACES)) for k in kinds)
     return res, scores
 
 
