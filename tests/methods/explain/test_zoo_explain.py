@@ -2,10 +2,12 @@
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 
 import vlmscope.zoo
+from vlmscope.errors import InputError
 from vlmscope.methods import sae as S
 from vlmscope.methods.explain.cli import add_parser
 from vlmscope.methods.explain.compose import parse_formula
@@ -129,3 +131,28 @@ def test_zoo_patchscope_decodes_an_image_token_in_a_blank_image(zoo, tmp_path):
     back = Result.load(res.save(tmp_path / "ps"))
     assert isinstance(back, PatchscopeAccuracy) and torch.equal(back.accuracy, res.accuracy)
     assert back.plot().axes
+
+
+def test_verify_cli_tests_a_formula_on_one_feature(tmp_path, capsys):
+    """`vlmscope explain verify` on a saved SAE: the verdict of a formula for one latent, the firing
+    rate per group of patches, and the saved result; a bad formula fails before the model loads."""
+    from vlmscope.experiments import grounded
+    from vlmscope.methods.explain.verdicts import Verification
+
+    zoo_model = vlmscope.zoo.load("shapes-llava")
+    grounded.sae_concepts(zoo_model, seed=0, out_dir=tmp_path / "sae")
+    folder = next((tmp_path / "sae").glob("*/cfg.json")).parent
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    argv = ["explain", "verify", "--sae", str(folder), "--feature", "53", "--explanation",
+            "colour=purple OR colour=blue", "--out", str(tmp_path / "v")]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "latent 53: 'colour=purple OR colour=blue' holds" in out and "colour=purple" in out
+    res = Result.load(tmp_path / "v" / "verification")
+    assert isinstance(res, Verification) and res.verdict == "holds"
+    assert set(np.array(res.values)[res.explained.numpy()]) == {"colour=purple", "colour=blue"}
+    bad = parser.parse_args(argv[:7] + ["colour=pink"])
+    with pytest.raises(InputError, match="colour=red"):
+        bad.func(bad)

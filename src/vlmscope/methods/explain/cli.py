@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `explain features | neurons | ... | words` to the main CLI's subparsers; each sets `func(args) -> int`."""
+    """Add `explain features | neurons | ... | verify | words` to the main CLI's subparsers; each sets
+    `func(args) -> int`."""
     ex = subparsers.add_parser("explain", help="automated explanation of SAE features, neurons and words")
     sub = ex.add_subparsers(dest="explain_command", required=True)
     f = sub.add_parser("features", help="dissection labels, simulation scores and verification of SAE features")
@@ -56,6 +57,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default=None)
         p.set_defaults(func=fn)
+    v = sub.add_parser("verify", help="test an explanation of one SAE feature on controlled scenes (verification loop)")
+    v.add_argument("--model", default="shapes-llava", help="zoo name or local folder")
+    v.add_argument("--sae", required=True, help="an SAE folder (save_sae / SAELens)")
+    v.add_argument("--site", default=None, help="default: the SAE's own site")
+    v.add_argument("--feature", type=int, required=True, help="the latent to test")
+    v.add_argument("--explanation", required=True, help='a concept or formula, e.g. "colour=red OR colour=orange", '
+                   '"(patch=0 OR patch=1) AND background"')
+    v.add_argument("--bases", type=int, default=24, help="base scenes each attribute is varied from")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", default=None)
+    v.set_defaults(func=cmd_verify)
     w = sub.add_parser("words", help="vocabulary words aligned with SAE decoder rows")
     w.add_argument("--model", default="shapes-llava")
     w.add_argument("--sae", required=True)
@@ -143,6 +155,25 @@ def cmd_patchscope(args: argparse.Namespace) -> int:
     res, scores = zoo_patchscope(_model(args.model), **_sized(args))
     print(res.to_dataframe().to_string(index=False))
     _save(res, args.out, "patchscope")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.compose import parse_formula
+    from vlmscope.methods.explain.verify import verify
+    from vlmscope.methods.explain.zoo import patch_maps
+    from vlmscope.methods.sae import load_sae
+
+    parse_formula(args.explanation)  # a clear error before any model is loaded
+    m, sae = _model(args.model), load_sae(args.sae)
+    site = args.site or sae.cfg.site
+    if not 0 <= args.feature < sae.cfg.d_sae:
+        raise SystemExit(f"--feature {args.feature} is not a latent of this SAE (0..{sae.cfg.d_sae - 1})")
+    res = verify(lambda images: patch_maps(m, images, site, sae.encode)[..., args.feature], args.explanation,
+                 n_bases=args.bases, seed=args.seed, name=f"latent {args.feature}")
+    print(res)
+    print(res.to_dataframe().to_string(index=False))
+    _save(res, args.out, "verification")
     return 0
 
 

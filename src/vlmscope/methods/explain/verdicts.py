@@ -96,5 +96,10 @@ def depends_on(fired: torch.Tensor, bases: Sequence[Scene], varied: str | Sequen
         score = 1 - (within / (n - k)) / (total / (n - 1))
         if score > best:
             best = score
-            text = f"depends on {attr}: fires for " + ", ".join(sorted(v for v, r in rates.items() if r >= 0.5))
+            high = sorted(v for v, r in rates.items() if r >= 0.5)
+            if 0 < len(high) < len(rates):
+                text = f"depends on {attr}: fires for " + ", ".join(high)
+            else:  # on every value (or none) at least half the time: say where most
+                top = max(rates, key=rates.get)
+                text = f"depends on {attr}: fires most for {top} ({rates[top]:.2f} vs {min(rates.values()):.2f})"
     return text
