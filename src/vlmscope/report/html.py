@@ -262,7 +262,12 @@ def _explain_reading(sc: dict) -> str:
         if unnamed:
             text += (f" {', '.join(unnamed).capitalize()} {'is' if len(unnamed) == 1 else 'are'} answered zero-shot "
                      f"(≥ {min(sc[f'TEXTSPAN: zero-shot {a} accuracy'] for a in unnamed):.2f}) but no single head "
-                     "is named for it: the heads carry it together.")
+                     "is named for it.")
+            where = [f"{a} {sc[k]:.0%}, its largest writer {sc.get(f'TEXTSPAN: {a} evidence, largest direct writer')}"
+                     for a in unnamed if (k := f"TEXTSPAN: {a} evidence written directly by MLPs") in sc]
+            if where:
+                text += (" The share of its direct zero-shot evidence that the MLPs write, not the heads: "
+                         + ", ".join(where) + ".")
     if "lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
         hits = ", ".join(f"{d} {sc.get(f'{d} neurons: own/other first block hit', nan):.1f}× / "
                          f"{sc.get(f'{d} neurons: own/other last block hit', nan):.1f}×"

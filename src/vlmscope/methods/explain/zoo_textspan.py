@@ -6,6 +6,8 @@ and zero-shot classification of every attribute is measured, both through the he
 contributions to the embedding (`HeadContributions.ablated`, as the paper ablates) and through their
 total effect (`head_ablation`'s intervention: every position of the tower). A name is confirmed
 when ablating the heads takes more of their own attribute's evidence than of the others'.
+`evidence_by_component` says which components (heads, MLPs, embeddings) write each attribute's
+evidence directly: an attribute the MLPs write gets no head.
 
 Choices, stated: the pool holds one training-form text per attribute value (shapes-clip's
 `describe`: "a red object", "a circle", "a object at top-left"; backgrounds "a object on a plain
@@ -114,6 +116,21 @@ def _scores(img: torch.Tensor, texts: dict[str, torch.Tensor], labels: dict[str,
     return acc, ev
 
 
+def evidence_by_component(hc, texts: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(component, attribute) share of each attribute's zero-shot evidence that each component writes
+    directly: its centred contribution projected on the attribute's centred class texts, the true
+    class minus the mean over classes, averaged over images, divided by the sum over components.
+    Says where an attribute is written (heads, MLPs, embeddings), which TEXTSPAN over heads cannot."""
+    values = hc.values.float() - hc.values.float().mean(0)  # (image, component, d_proj)
+    rows = torch.arange(len(values))
+    out = []
+    for a, t in texts.items():
+        proj = values @ (t - t.mean(0)).T  # (image, component, class)
+        ev = (proj[rows, :, labels[a]] - proj.mean(-1)).mean(0)  # (component,)
+        out.append(ev / ev.sum())
+    return torch.stack(out, 1)
+
+
 def _spread(t: torch.Tensor) -> float:
     cos = t @ t.T
     return float((1 - cos[~torch.eye(len(t), dtype=torch.bool)]).min())
@@ -164,7 +181,15 @@ def zoo_textspan(vlm, n: int = 300, seed: int = 0, layers: list[int] | None = No
     ev = torch.tensor([[r[1] for r in rs] for rs in rows.values()])
     res = AttributeHeads(ts.heads, tuple(prompts), named, share, assigned, torch.tensor([spread[a] for a in prompts]),
                          ("none", *groups), tuple(rows), acc, ev)
-    return res, ts, _summary(res)
+    scores = _summary(res)
+    writers = evidence_by_component(hc, texts, labels)  # (component, attribute)
+    kinds = {"heads": [".H" in c for c in hc.components], "MLPs": [c.endswith(".mlp") for c in hc.components]}
+    for j, a in enumerate(prompts):
+        for kind, mask in kinds.items():
+            scores[f"TEXTSPAN: {a} evidence written directly by {kind}"] = float(writers[torch.tensor(mask), j].sum())
+        top = int(writers[:, j].argmax())
+        scores[f"TEXTSPAN: {a} evidence, largest direct writer"] = f"{hc.components[top]} ({writers[top, j]:.2f})"
+    return res, ts, scores
 
 
 def _summary(res: AttributeHeads) -> dict[str, float | str]:
