@@ -168,11 +168,24 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
         basis.save(folder / "textspan")
         heads.plot().savefig(folder / "figure-textspan-ablation.png", dpi=110)
         scores.update(textspan_scores)
+        scores.update(_clip_domain_neurons(clip, folder, seed))
     scores.update(_explain_neurons_and_patchscope(vlm, folder, seed))
     numeric = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     numeric["score"] = numeric.get("dissection / verification agreement", float("nan"))
     _write_scores(folder, {**scores, **numeric})
     return numeric
+
+
+def _clip_domain_neurons(clip, folder: Path, seed: int) -> dict:
+    """Domain-specific neurons of shapes-clip's vision tower (trained on texts that name the
+    background, unlike shapes-llava's questions); scores prefixed "shapes-clip: "."""
+    from vlmscope.methods.explain.zoo import zoo_domain_neurons
+
+    dn, effects, scores = zoo_domain_neurons(clip, seed=seed)
+    dn.save(folder / "clip-domain-neurons")
+    for name, eff in effects.items():
+        eff.save(folder / f"clip-domain-deactivation-{name.replace(' ', '-')}")
+    return {f"shapes-clip: {k}": v for k, v in scores.items()}
 
 
 def _explain_neurons_and_patchscope(vlm, folder: Path, seed: int) -> dict:

@@ -276,6 +276,13 @@ def _explain_reading(sc: dict) -> str:
                  f"the lowest entropy over domains is {sc['lowest domain entropy (uniform: ln 3 = 1.10)']:.2f} "
                  f"(uniform 1.10). Held below their firing threshold, each domain's neurons hit their own domain vs "
                  f"the others by {hits} (first / last vision block) — the background barely matters to this model.")
+    if "shapes-clip: lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
+        best = ", ".join(f"{d} {sc.get(f'shapes-clip: {d} neurons: own/other hit, the block where it is largest', nan):.1f}×"
+                         for d in ("plain", "textured", "noisy"))
+        text += (" On shapes-clip, whose texts name the background, every background style has its neurons "
+                 f"(lowest entropy {sc['shapes-clip: lowest domain entropy (uniform: ln 3 = 1.10)']:.2f}); held below their "
+                 f"threshold they hit their own domain vs the others by {best} (at the vision block where the "
+                 "effect is largest).")
     if "image neurons: own/other hit, first block" in sc:
         text += (" Modality-specific LM neurons (MINER, Huang et al. 2024): "
                  f"{sc.get('image neurons in the first block', nan):.0%} of the image neurons sit in the first "
