@@ -2,9 +2,9 @@
 
 What holds on the shipped model (train_clip.POSITION_RECIPE; seeds 0 and 1, 300 scenes): colour,
 size, position and background each get heads that ablation confirms (position: six heads, direct
-ablation takes ~0.79 of position's evidence against ~0.08 of the others'); shape is carried by the
-heads together (zero-shot 0.98-0.99) and no head is named for it: 71% of shape's direct evidence is
-written by the MLPs (the last one alone 48%), against 17-22% for every other attribute."""
+ablation takes ~0.79 of position's evidence against ~0.08 of the others'); shape is learned
+(zero-shot 0.98-0.99) but no head is named for it: 71% of shape's direct evidence is written by the
+MLPs (the last one alone 48%), against 17-22% for every other attribute."""
 
 import matplotlib.pyplot as plt
 import pytest
