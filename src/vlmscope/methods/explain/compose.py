@@ -45,19 +45,18 @@ def parse_formula(text: str) -> Formula:
         pos += 1
         return tokens[pos - 1]
 
-    def disjunction() -> Formula:
-        f = conjunction()
-        while peek() == "OR":
+    def chain(word: str, operand) -> Formula:  # operands joined left to right by `word`
+        f = operand()
+        while peek() == word:
             take()
-            f = ("or", f, conjunction())
+            f = (word.lower(), f, operand())
         return f
 
+    def disjunction() -> Formula:
+        return chain("OR", conjunction)
+
     def conjunction() -> Formula:
-        f = negation()
-        while peek() == "AND":
-            take()
-            f = ("and", f, negation())
-        return f
+        return chain("AND", negation)
 
     def negation() -> Formula:
         if peek() == "NOT":
@@ -146,27 +145,27 @@ def beam_search(on: torch.Tensor, masks: Mapping[str, torch.Tensor], length: int
     m = torch.stack([masks[c].flatten() for c in names])  # (concept, cells)
     iou = _iou(on, m)
     order = iou.argsort(descending=True)[:beam].tolist()
-    frontier = [(names[i], {i}, m[i], float(iou[i])) for i in order]  # (text, concepts used, mask, iou)
-    best_text, best_iou = frontier[0][0], frontier[0][3]
+    frontier = [(names[i], {i}, m[i], float(iou[i])) for i in order]  # (formula, concepts used, mask, iou)
+    best, best_iou = frontier[0][0], frontier[0][3]
     for _ in range(length - 1):
         cands = []
-        for text, used, fm, _ in frontier:
-            for op, new in (("AND", fm & m), ("OR", fm | m), ("AND NOT", fm & ~m)):  # (concept, cells)
-                cands += [(v, text, used, op, j, new[j]) for j, v in enumerate(_iou(on, new).tolist()) if j not in used]
+        for f, used, fm, _ in frontier:
+            for op, new in (("and", fm & m), ("or", fm | m), ("and not", fm & ~m)):  # (concept, cells)
+                cands += [(v, f, used, op, j, new[j]) for j, v in enumerate(_iou(on, new).tolist()) if j not in used]
         cands.sort(key=lambda c: -c[0])
         seen, frontier = set(), []
-        for v, text, used, op, j, fm in cands:
+        for v, f, used, op, j, fm in cands:
             key = fm.numpy().tobytes()
             if key in seen:  # the same patches as a formula already kept
                 continue
             seen.add(key)
-            left = f"({text})" if " OR " in text and op != "OR" else text
-            frontier.append((f"{left} {op} {names[j]}", used | {j}, fm, v))
+            grown = ("and", f, ("not", names[j])) if op == "and not" else (op, f, names[j])
+            frontier.append((grown, used | {j}, fm, v))
             if len(frontier) == beam:
                 break
         if frontier and frontier[0][3] >= best_iou + min_gain:
-            best_text, best_iou = frontier[0][0], frontier[0][3]
-    return to_text(parse_formula(best_text)), best_iou
+            best, best_iou = frontier[0][0], frontier[0][3]
+    return to_text(best), best_iou
 
 
 @dataclass(frozen=True, repr=False)

@@ -29,14 +29,19 @@ VALUES: dict[str, tuple[str, ...]] = {
 }
 SCENE_ATTRIBUTES = ("domain", "tone")  # properties of the whole image
 MID_GREY = 128  # scenes draw their background grey from 96..160: below 128 is "dark"
+PLACES = ("patch", "row", "column")  # where a patch is, whatever it shows
+OBJECT_ATTRIBUTES = ("colour", "shape", "size", "cell")  # what the verification loop varies on an object
+WHOLE = ("object", "background")  # concepts without a value
 
 
 def tone(scene) -> str:
     """"dark" or "light": the scene's background grey level against the middle of its range."""
     return "dark" if scene.grey < MID_GREY else "light"
-PLACES = ("patch", "row", "column")  # where a patch is, whatever it shows
-OBJECT_ATTRIBUTES = ("colour", "shape", "size", "cell")  # what the verification loop varies on an object
-WHOLE = ("object", "background")  # concepts without a value
+
+
+def scene_value(scene, attribute: str) -> str:
+    """The scene's value of a whole-image attribute ("domain" or "tone")."""
+    return scene.domain if attribute == "domain" else tone(scene)
 
 
 def parse(explanation: str) -> tuple[str, str]:
@@ -84,7 +89,7 @@ def concept_masks(scenes: Sequence, grid: int | tuple[int, int] = GRID,
                 m[:, :, k] = True
         for i, s in enumerate(scenes):
             if attr in SCENE_ATTRIBUTES:
-                m[i] = (s.domain if attr == "domain" else tone(s)) == value
+                m[i] = scene_value(s, attr) == value
                 continue
             if attr not in OBJECT_ATTRIBUTES:
                 continue

@@ -73,11 +73,17 @@ def object_values() -> tuple[str, ...]:
     return tuple(f"{a}={v}" for a in OBJECT_ATTRIBUTES for v in VALUES[a])
 
 
+def _moves_object(explanation: str) -> tuple[set[str], bool]:
+    """The attributes a formula names, and whether it speaks of places, objects or background (its
+    scenes then move the object through every cell and remove it)."""
+    kinds = {parse(a)[0] for a in atoms(parse_formula(explanation))}
+    return kinds, bool(kinds & {*PLACES, *WHOLE})
+
+
 def formula_axes(explanation: str) -> tuple[str, ...]:
     """The attributes a formula's controlled scenes vary together: those it names ("patch",
     "object" and "background" move the object through every cell, "cell")."""
-    kinds = {parse(a)[0] for a in atoms(parse_formula(explanation))}
-    moves = bool(kinds & {*PLACES, *WHOLE})
+    kinds, moves = _moves_object(explanation)
     return tuple(a for a in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES) if a in kinds or (a == "cell" and moves))
 
 
@@ -85,8 +91,7 @@ def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3
     """Controlled scenes for a formula: from each base, every combination of values of the attributes
     it names (`formula_axes`), everything else held fixed, plus the base emptied when it speaks of
     patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`."""
-    axes = formula_axes(explanation)
-    empty = bool({parse(a)[0] for a in atoms(parse_formula(explanation))} & {*PLACES, *WHOLE})
+    axes, empty = formula_axes(explanation), _moves_object(explanation)[1]
     combos = list(itertools.product(*(VALUES[a] for a in axes)))
     n = max(8, min(len(bases), max_scenes // (len(combos) + empty)))
     out = []

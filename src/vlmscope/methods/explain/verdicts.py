@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from vlmscope.data.scene import Scene
-from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, SCENE_ATTRIBUTES, tone
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, SCENE_ATTRIBUTES, scene_value
 from vlmscope.results import Result
 
 
@@ -67,7 +67,7 @@ def marked(n: int, *on: int) -> torch.Tensor:
 
 def trait(scene: Scene, attribute: str) -> str:
     if attribute in SCENE_ATTRIBUTES:
-        return scene.domain if attribute == "domain" else tone(scene)
+        return scene_value(scene, attribute)
     o = scene.objects[0]
     return str(o.cell) if attribute == "cell" else getattr(o, attribute)
 

@@ -189,6 +189,8 @@ def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int =
     a formula of concepts (compose.py) patch by patch on the scenes of every attribute it names.
     thresholds: per feature, the activation above which it fires (e.g. the one dissection labelled it
     at), instead of a share of its peak on the controlled scenes."""
+    if thresholds is not None and len(thresholds) != len(explanations):
+        raise InputError(f"{len(thresholds)} thresholds for {len(explanations)} explanations")
     bases = base_scenes(n_bases, seed)
     names = list(names) if names is not None else [str(i) for i in range(len(explanations))]
     compound = [is_compound(e) or parse(e)[0] in ("row", "column") for e in explanations]  # read as formulas
@@ -212,8 +214,6 @@ def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int =
     peak = {a: g.flatten(1, 2).amax(1).view(n_bases, -1, g.shape[-1])  # (base, value, feature)
             for a, g in grids.items() if isinstance(a, str)}
     out = []
-    if thresholds is not None and len(thresholds) != len(explanations):
-        raise InputError(f"{len(thresholds)} thresholds for {len(explanations)} explanations")
     for i, (e, n, c) in enumerate(zip(explanations, names, compound)):
         attr = None if c else parse(e)[0]
         if thresholds is not None:

@@ -6,6 +6,7 @@ a dict of named numbers for the report's scorecard.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -225,7 +226,7 @@ def zoo_domain_neurons(vlm, n: int = 120, seed: int = 0, top_fraction: float = 0
             scores[f"{d} neurons: other {name} hit"] = float(hit[torch.arange(len(DOMAINS)) != i].mean())
             scores[f"{d} neurons: own/other {name} hit"] = eff.selectivity[d]
         blocks = [eff for name, eff in effects.items() if name.endswith("block")]
-        at = [e.selectivity[d] for e in blocks if e.selectivity[d] == e.selectivity[d]]  # NaN: no effect there
+        at = [e.selectivity[d] for e in blocks if not math.isnan(e.selectivity[d])]  # NaN: no effect there
         scores[f"{d} neurons: own/other hit, the block where it is largest"] = max(at) if at else float("nan")
     return dn, effects, scores
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlmscope.errors import InputError
-from vlmscope.methods.sae.base import SAE, SAEConfig, build_sae
+from vlmscope.methods.sae.base import SAE, build_sae
 from vlmscope.model.store import _atomic_write_bytes
 from vlmscope.scale.distributed import Dist
 
@@ -101,8 +101,7 @@ def _restore(t: dict[str, torch.Tensor], specs: Sequence[SAESpec], cfg: TrainCon
     saes, opts, silent = [], [], []
     for i, spec in enumerate(specs):
         d_sae, d_in = t[f"sae{i}/W_dec"].shape
-        sae = build_sae(SAEConfig(spec.architecture, d_in, d_sae, k=spec.k, site=spec.site,
-                                  matryoshka=tuple(spec.matryoshka)))
+        sae = build_sae(spec.config(d_in, d_sae))
         sae.load_state_dict({k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(f"sae{i}/")})
         sae.to(dev)
         opt = adam(sae, cfg)

@@ -77,6 +77,11 @@ class SAESpec:
     def coefficient(self) -> float:
         return self.sparsity if self.sparsity is not None else DEFAULT_SPARSITY.get(self.architecture, 0.0)
 
+    def config(self, d_in: int, d_sae: int | None = None) -> SAEConfig:
+        """The SAEConfig this spec trains on `d_in`-wide rows (d_sae: a restored SAE's own width)."""
+        return SAEConfig(self.architecture, d_in, d_sae or self.d_sae or self.expansion * d_in, k=self.k,
+                         site=self.site, matryoshka=tuple(self.matryoshka))
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -163,9 +168,11 @@ def train_saes(source: Source, specs: Sequence[SAESpec], config: TrainConfig | N
         run.cursor = (epoch, pos + 1, 0)
         for b in range(first, n_batches):
             mine = slice(b * cfg.batch_size + d.rank * local, b * cfg.batch_size + (d.rank + 1) * local)
+            batch: dict[str, torch.Tensor] = {}  # site -> (local, d_in), shared by that site's SAEs
             for i, spec in enumerate(specs):
-                x = _inputs(run, spec.site, rows[spec.site][perms[spec.site][mine]]).to(dev)  # (local, d_in)
-                _step(run, i, spec, x, cfg, losses[i], d)
+                if spec.site not in batch:
+                    batch[spec.site] = _inputs(run, spec.site, rows[spec.site][perms[spec.site][mine]]).to(dev)
+                _step(run, i, spec, batch[spec.site], cfg, losses[i], d)
             run.step += 1
             run.cursor = (epoch, pos, b + 1) if b + 1 < n_batches else (epoch, pos + 1, 0)
             bar.update(1)
@@ -217,8 +224,7 @@ def _start(source: Source, specs: list[SAESpec], cfg: TrainConfig, dev: torch.de
     saes, opts, silent = [], [], []
     for i, spec in enumerate(specs):
         d_in = first[spec.site].shape[1]
-        sc = SAEConfig(spec.architecture, d_in, spec.d_sae or spec.expansion * d_in, k=spec.k, site=spec.site,
-                       matryoshka=tuple(spec.matryoshka))
+        sc = spec.config(d_in)
         sae = build_sae(sc)
         sae.init_weights(generator(cfg.seed, "init", i, spec.label()))
         sae.prepare_training(cfg)
