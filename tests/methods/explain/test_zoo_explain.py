@@ -14,6 +14,7 @@ from vlmscope.methods.explain.compose import parse_formula
 from vlmscope.methods.explain.zoo import (
     explain_sae_features,
     patch_maps,
+    refine_explained,
     zoo_domain_neurons,
     zoo_modality_neurons,
 )
@@ -63,6 +64,16 @@ def test_dissection_and_verification_on_the_experiments_sae(zoo, tmp_path):
     narrow = [d for lab, v, d in zip(single.labels, single.verdicts, single.details) if lab.startswith("patch=") and
               v == "too narrow"]
     assert narrow and all(d == "only when the patch shows background" for d in narrow)
+    # the refinement loop on the 9 labels that do not hold: 2 become explanations that hold on fresh
+    # scenes ("row=2 AND background" -> "patch=6 AND background"); 6 would need more than 6 concepts
+    refined, more = refine_explained(zoo, sae, res, rounds=2)
+    failed = [(lab, v) for lab, v in zip(res.labels, res.verdicts) if v != "holds"]
+    assert len(refined) == more["labels refined"] == len(failed) == 9
+    assert [(r.explanations[0], r.verdicts[0]) for r in refined] == failed  # the same seed: round 0 repeats it
+    finals = {r.final for r in refined if r.holds}
+    assert "patch=6 AND background" in finals and 2 <= more["refined labels that hold"] <= 4
+    assert more["labels that hold after refinement"] == len(res.labels) - 9 + more["refined labels that hold"]
+    assert sum("more than 6 concepts" in r.stopped for r in refined) >= 4
 
 
 def test_patch_maps_place_each_patch(zoo):
@@ -137,6 +148,7 @@ def test_verify_cli_tests_a_formula_on_one_feature(tmp_path, capsys):
     """`vlmscope explain verify` on a saved SAE: the verdict of a formula for one latent, the firing
     rate per group of patches, and the saved result; a bad formula fails before the model loads."""
     from vlmscope.experiments import grounded
+    from vlmscope.methods.explain.refine import Refinement
     from vlmscope.methods.explain.verdicts import Verification
 
     zoo_model = vlmscope.zoo.load("shapes-llava")
@@ -156,3 +168,11 @@ def test_verify_cli_tests_a_formula_on_one_feature(tmp_path, capsys):
     bad = parser.parse_args(argv[:7] + ["colour=pink"])
     with pytest.raises(InputError, match="colour=red"):
         bad.func(bad)
+    # --refine: a label that misses part of its row is read again and narrowed to the patch it fires at
+    args = parser.parse_args(["explain", "verify", "--sae", str(folder), "--feature", "1", "--explanation",
+                              "row=2 AND background", "--seed", "1", "--refine", "2", "--out", str(tmp_path / "r")])
+    assert args.func(args) == 0
+    ref = Result.load(tmp_path / "r" / "refinement")
+    assert isinstance(ref, Refinement) and ref.verdicts == ("too narrow", "holds")
+    assert ref.final == "patch=6 AND background" and ref.read[0] == "patch, object"
+    assert "'row=2 AND background' (too narrow) -> 'patch=6 AND background' (holds)" in capsys.readouterr().out

@@ -6,6 +6,7 @@ the explanation is (see docs/explain.md).
     explain.splice(clip, clip.prepare(images, concepts), concepts)   # sparse concepts per image
     explain.verify(feature_fn, "colour=red")                  # holds / too broad / too narrow
     explain.dissect_formulas(maps, masks)                     # labels such as "patch=4 AND background"
+    explain.refine(feature_fn, "colour=red")                  # verify, read the firing, propose, verify again
 """
 
 from vlmscope.methods.explain.compose import (
@@ -34,6 +35,7 @@ from vlmscope.methods.explain.patchscope import (
     patchscope_inputs,
     patchscope_logits,
 )
+from vlmscope.methods.explain.refine import Refinement, cover_text, refine
 from vlmscope.methods.explain.score import ExplanationScores, correlation, score_explanations
 from vlmscope.methods.explain.splice import SpliceResult, nonneg_lasso, splice, splice_decompose
 from vlmscope.methods.explain.textspan import (
@@ -62,7 +64,7 @@ from vlmscope.methods.explain.zoo_textspan import AttributeHeads, zoo_textspan
 __all__ = [
     "AttributeHeads", "Deactivation", "Dissection", "DomainNeurons", "ExplainedFeatures", "ExplanationScores",
     "FormulaDissection", "beam_search", "dissect_formulas", "evaluate", "formula_scenes", "judge_formula", "mask_of",
-    "parse_formula",
+    "parse_formula", "Refinement", "cover_text", "refine",
     "HeadAblation", "HeadContributions", "LLMDescription", "ModalityNeurons", "PatchscopeAccuracy", "PatchscopeResult",
     "SpliceResult", "TextSpanResult", "Verification", "WordMatch", "all_concepts", "concept_masks", "correlation",
     "deactivate", "describe_with_llm", "dissect", "domain_neurons", "head_ablation", "head_contributions",

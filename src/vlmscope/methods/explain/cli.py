@@ -33,6 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     f.add_argument("--examples", type=int, default=300)
     f.add_argument("--length", type=int, default=3,
                    help="longest label formula in concepts (Mu & Andreas); 1: single concepts (Bau et al.)")
+    f.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                   help="refine every label that does not hold, up to ROUNDS times (refine.py; default 0: off)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--llm-url", default=None, help="OpenAI-compatible endpoint for an LLM description (off)")
     f.add_argument("--llm-model", default="gpt-4o-mini")
@@ -65,6 +67,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     v.add_argument("--explanation", required=True, help='a concept or formula, e.g. "colour=red OR colour=orange", '
                    '"(patch=0 OR patch=1) AND background"')
     v.add_argument("--bases", type=int, default=24, help="base scenes each attribute is varied from")
+    v.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
+                   help="while it does not hold, read the feature on new scenes and verify the formula its firing "
+                   "supports, up to ROUNDS times (refine.py; default 0: verify only)")
+    v.add_argument("--max-concepts", type=int, default=6, help="with --refine: the longest proposal kept")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_verify)
@@ -98,6 +104,14 @@ def cmd_features(args: argparse.Namespace) -> int:
     res, scores = explain_sae_features(m, sae, site, n_features=args.n_features, n=args.examples, seed=args.seed,
                                        length=args.length)
     print(res.to_dataframe().to_string(index=False))
+    if args.refine:
+        from vlmscope.methods.explain.zoo import refine_explained
+
+        refined, more = refine_explained(m, sae, res, rounds=args.refine, seed=args.seed)
+        for r in refined:
+            print(r)
+            _save(r, args.out, f"refinement-{r.feature.replace(' ', '-')}")
+        scores |= more
     print(json.dumps(scores, indent=1))
     _save(res, args.out, "explained_features")
     if args.llm_url:
@@ -169,8 +183,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     site = args.site or sae.cfg.site
     if not 0 <= args.feature < sae.cfg.d_sae:
         raise SystemExit(f"--feature {args.feature} is not a latent of this SAE (0..{sae.cfg.d_sae - 1})")
-    res = verify(lambda images: patch_maps(m, images, site, sae.encode)[..., args.feature], args.explanation,
-                 n_bases=args.bases, seed=args.seed, name=f"latent {args.feature}")
+    def feature(images):
+        return patch_maps(m, images, site, sae.encode)[..., args.feature]
+
+    if args.refine:
+        from vlmscope.methods.explain.refine import refine
+
+        res = refine(feature, args.explanation, rounds=args.refine, n_bases=args.bases, seed=args.seed,
+                     name=f"latent {args.feature}", max_concepts=args.max_concepts)
+        print(res)
+        print(res.to_dataframe().to_string(index=False))
+        _save(res, args.out, "refinement")
+        return 0
+    res = verify(feature, args.explanation, n_bases=args.bases, seed=args.seed, name=f"latent {args.feature}")
     print(res)
     print(res.to_dataframe().to_string(index=False))
     _save(res, args.out, "verification")

@@ -91,7 +91,13 @@ def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3
     """Controlled scenes for a formula: from each base, every combination of values of the attributes
     it names (`formula_axes`), everything else held fixed, plus the base emptied when it speaks of
     patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`."""
-    axes, empty = formula_axes(explanation), _moves_object(explanation)[1]
+    return axis_scenes(formula_axes(explanation), bases, _moves_object(explanation)[1], max_scenes)
+
+
+def axis_scenes(axes: Sequence[str], bases: Sequence[Scene], empty: bool = False, max_scenes: int = 3000
+                ) -> list[Scene]:
+    """From each base, every combination of values of the object and scene attributes `axes`, then the
+    base emptied when `empty`, base-major; only as many bases (at least 8) as keep it under `max_scenes`."""
     combos = list(itertools.product(*(VALUES[a] for a in axes)))
     n = max(8, min(len(bases), max_scenes // (len(combos) + empty)))
     out = []

@@ -82,20 +82,15 @@ def depends_on(fired: torch.Tensor, bases: Sequence[Scene], varied: str | Sequen
     for attr in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES):
         if attr == varied or attr in varied:
             continue
-        groups: dict[str, list[bool]] = {}
-        for f, b in zip(fired.tolist(), bases):
-            if b.objects or attr in SCENE_ATTRIBUTES:
-                groups.setdefault(trait(b, attr), []).append(bool(f))
-        n, k = sum(map(len, groups.values())), len(groups)
-        mean = sum(map(sum, groups.values())) / max(n, 1)
-        total = n * mean * (1 - mean)  # sum of squares of a 0/1 variable
-        if k < 2 or n <= k or total == 0:
-            continue
-        rates = {v: sum(x) / len(x) for v, x in groups.items()}
-        within = total - sum(len(x) * (rates[v] - mean) ** 2 for v, x in groups.items())
-        score = 1 - (within / (n - k)) / (total / (n - 1))
+        obs = [(trait(b, attr), bool(f)) for f, b in zip(fired.tolist(), bases)
+               if b.objects or attr in SCENE_ATTRIBUTES]
+        names = list(dict.fromkeys(v for v, _ in obs))
+        labels = torch.tensor([names.index(v) for v, _ in obs], dtype=torch.long)
+        fires = torch.tensor([f for _, f in obs], dtype=torch.bool)
+        score = epsilon_squared(fires, labels)
         if score > best:
             best = score
+            rates = {v: float(fires[labels == i].float().mean()) for i, v in enumerate(names)}
             high = sorted(v for v, r in rates.items() if r >= 0.5)
             if 0 < len(high) < len(rates):
                 text = f"depends on {attr}: fires for " + ", ".join(high)
@@ -103,3 +98,23 @@ def depends_on(fired: torch.Tensor, bases: Sequence[Scene], varied: str | Sequen
                 top = max(rates, key=rates.get)
                 text = f"depends on {attr}: fires most for {top} ({rates[top]:.2f} vs {min(rates.values()):.2f})"
     return text
+
+
+def epsilon_squared(fired: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of a 0/1 variable's variance (fired, (n,) bool) explained by groups (labels: (n,) or
+    (n, attr), one group per distinct row), adjusted for their number: 1 − (within / (n − k)) /
+    (total / (n − 1)), so k groups do not win by chance; −inf where undefined (one group, or no variance)."""
+    n = len(fired)
+    if n == 0:
+        return float("-inf")
+    group = labels.unique(dim=0, return_inverse=True)[1] if labels.dim() > 1 else labels.unique(return_inverse=True)[1]
+    k = int(group.max()) + 1
+    x = fired.double()
+    mean = float(x.mean())
+    total = n * mean * (1 - mean)  # sum of squares of a 0/1 variable
+    if k < 2 or n <= k or total == 0:
+        return float("-inf")
+    count = torch.bincount(group, minlength=k).double()
+    rate = torch.bincount(group, weights=x, minlength=k) / count
+    within = total - float((count * (rate - mean) ** 2).sum())
+    return 1 - (within / (n - k)) / (total / (n - 1))

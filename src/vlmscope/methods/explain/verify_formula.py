@@ -6,6 +6,7 @@ rarely on every group it excludes."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -16,7 +17,7 @@ from vlmscope.methods.explain.concepts import VALUES, WHOLE, concept_masks, pars
 from vlmscope.methods.explain.verdicts import Verification, decide, depends_on, firing_threshold
 
 
-def _patch_traits(scenes: Sequence[Scene], grid: tuple[int, int], attrs: Sequence[str]) -> torch.Tensor:
+def patch_traits(scenes: Sequence[Scene], grid: tuple[int, int], attrs: Sequence[str]) -> torch.Tensor:
     """(scene, rows, cols, attr) index of each patch's value of each attribute, -1 where it has none
     (a background patch has no colour); "object" is 1 on an object's patches, 0 elsewhere."""
     cols = []
@@ -25,6 +26,29 @@ def _patch_traits(scenes: Sequence[Scene], grid: tuple[int, int], attrs: Sequenc
         m = torch.stack(list(concept_masks(scenes, grid, names).values()))  # (value, scene, rows, cols)
         cols.append(m.long().argmax(0).where(m.any(0), -1) if a != "object" else m[0].long())
     return torch.stack(cols, -1)
+
+
+@dataclass(frozen=True)
+class FiringTable:
+    """Patches grouped by their values of `attrs`, with the share of each group where the feature fires."""
+
+    attrs: tuple[str, ...]
+    keys: torch.Tensor  # (group, attr) each group's value index per attribute (-1: none, e.g. a background's colour)
+    rate: torch.Tensor  # (group,) share of the group's patches where the feature fires
+    count: torch.Tensor  # (group,) patches
+    group: torch.Tensor  # (patch,) each patch's group, patches in (scene, row, col) order
+    fired: torch.Tensor  # (patch,) bool
+
+
+def firing_table(maps: torch.Tensor, scenes: Sequence[Scene], attrs: Sequence[str], threshold: float) -> FiringTable:
+    """maps (scene, rows, cols) of one feature, grouped by each patch's values of `attrs` (attributes of
+    `concepts.VALUES`, or "object": 1 on an object's patches)."""
+    traits = patch_traits(scenes, (maps.shape[1], maps.shape[2]), attrs).flatten(0, 2)  # (patch, attr)
+    keys, group = traits.unique(dim=0, return_inverse=True)  # (group, attr), (patch,)
+    fired = maps.flatten().float() > threshold
+    count = torch.bincount(group, minlength=len(keys))
+    rate = torch.bincount(group, weights=fired.double(), minlength=len(keys)) / count.clamp_min(1)
+    return FiringTable(tuple(attrs), keys, rate.float(), count, group, fired)
 
 
 def judge_formula(maps: torch.Tensor, scenes: Sequence[Scene], explanation: str, feature: str = "feature",
@@ -42,15 +66,13 @@ def judge_formula(maps: torch.Tensor, scenes: Sequence[Scene], explanation: str,
     if len(scenes) != len(maps):
         raise InputError(f"{len(scenes)} scenes for {len(maps)} maps")
     truth = evaluate(f, concept_masks(scenes, grid, names)).flatten()  # (patch,)
-    traits = _patch_traits(scenes, grid, attrs).flatten(0, 2)  # (patch, attr)
-    keys, group = traits.unique(dim=0, return_inverse=True)  # (group, attr), (patch,)
     flat = maps.flatten().float()
     threshold = firing_threshold(flat, ratio, threshold)
-    count = torch.bincount(group, minlength=len(keys))
-    rate = torch.bincount(group, weights=(flat > threshold).double(), minlength=len(keys)) / count.clamp_min(1)
+    table = firing_table(maps, scenes, attrs, threshold)
+    keys, group, rate, count = table.keys, table.group, table.rate, table.count
     inside = torch.bincount(group, weights=truth.double(), minlength=len(keys)) > count / 2  # (group,)
     keep = count >= min_count
-    keys, rate, inside, count = keys[keep], rate[keep].float(), inside[keep], count[keep]
+    keys, rate, inside, count = keys[keep], rate[keep], inside[keep], count[keep]
     kept = torch.nonzero(keep).flatten()  # (group,) their index among all groups
     values = tuple(_group_name(attrs, k) for k in keys.tolist())
     if not inside.any():

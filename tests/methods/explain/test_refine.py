@@ -1,0 +1,102 @@
+"""The refinement loop: formulas read off a feature's firing (`cover_text`) and the verify → read →
+propose → verify loop on planted features whose true rule is known."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from test_describe_score_verify import _fixed_patch, _round_red, object_feature, red_feature
+
+from vlmscope.data import COLOURS, SHAPES, SIZES
+from vlmscope.errors import InputError
+from vlmscope.methods.explain.compose import atoms, evaluate, parse_formula
+from vlmscope.methods.explain.concepts import VALUES, parse
+from vlmscope.methods.explain.refine import Refinement, cover, cover_text, read_attributes, refine
+from vlmscope.results import Result
+
+
+def _truth(formula: str, attrs, keys) -> torch.Tensor:
+    """The formula on each group key (value index per attribute, -1: no object at the patch)."""
+    keys = torch.tensor(keys)
+    masks = {}
+    for a in atoms(parse_formula(formula)):
+        kind, value = parse(a)
+        if kind in ("object", "background"):
+            has = (keys[:, attrs.index("object")] == 1 if "object" in attrs
+                   else (keys[:, [i for i, x in enumerate(attrs) if x in ("colour", "shape", "size")]] >= 0).all(1))
+            masks[a] = has if kind == "object" else ~has
+        elif kind in ("row", "column"):
+            p = keys[:, attrs.index("patch")]
+            masks[a] = (p // 3 if kind == "row" else p % 3) == int(value)
+        else:
+            masks[a] = keys[:, attrs.index(kind)] == VALUES[kind].index(value)
+    return evaluate(formula, masks)
+
+
+def _table(attrs):
+    """Every combination of the attributes' values, plus the no-object key (-1 everywhere)."""
+    keys = list(itertools.product(*(range(len(VALUES[a])) for a in attrs)))
+    return [*keys, tuple(-1 for _ in attrs)]
+
+
+def test_cover_text_is_exact_on_every_group_and_short():
+    attrs = ["colour", "size"]
+    keys = _table(attrs)
+    red = [k[0] == COLOURS.index("red") for k in keys]
+    assert cover_text(attrs, keys, red) == "colour=red"
+    objects = [k[0] >= 0 for k in keys]
+    assert cover_text(attrs, keys, objects) == "object"
+    assert cover_text(attrs, keys, [not o for o in objects]) == "background"
+    assert cover_text(attrs, keys, [False] * len(keys)) is None
+    assert cover_text(attrs, keys, [True] * len(keys)) == ""
+    # every colour but blue, large only: the NOT form, with no "object" (size=large already says it)
+    rule = [k[0] not in (-1, COLOURS.index("blue")) and k[1] == SIZES.index("large") for k in keys]
+    text = cover_text(attrs, keys, rule)
+    assert sorted(atoms(parse_formula(text))) == ["colour=blue", "size=large"]
+    assert _truth(text, attrs, keys).tolist() == rule
+    # random rules over three attributes: the formula is exactly true on the on groups
+    attrs3 = ["colour", "shape", "size"]
+    keys3 = _table(attrs3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        c = set(rng.choice(len(COLOURS), 2, replace=False).tolist())
+        s = set(rng.choice(len(SHAPES), 3, replace=False).tolist())
+        rule = [(k[0] in c and k[2] == 0) or (k[1] in s and k[0] >= 0 and rng.random() < 0.2) for k in keys3]
+        text = cover_text(attrs3, keys3, rule)
+        assert _truth(text, attrs3, keys3).tolist() == rule, text
+
+
+def test_cover_uses_unobserved_groups_either_way_and_names_rows():
+    keys = [(0,), (1,), (2,)]  # patches 0-2 only: on everywhere observed
+    assert cover(keys, [True, True, True]) == [[frozenset({0, 1, 2})]]
+    patches = [(p,) for p in range(9)]
+    assert cover_text(["patch"], patches, [p // 3 == 2 for p in range(9)]) == "row=2"
+    assert cover_text(["patch"], patches, [p % 3 == 0 for p in range(9)]) == "column=0"
+    assert cover_text(["patch"], patches, [p in (0, 4) for p in range(9)]) == "patch=0 OR patch=4"
+    assert read_attributes("(row=1 OR patch=0) AND background AND tone=dark") == ["patch", "object", "tone"]
+
+
+def test_refine_recovers_planted_rules(tmp_path):
+    narrow = refine(_round_red, "colour=red", n_bases=16)  # large red objects of the fuller shapes
+    assert narrow.verdicts == ("too narrow", "holds") and narrow.holds
+    assert narrow.final == "colour=red AND size=large AND NOT shape=triangle"
+    assert narrow.read[0] == "colour, size, shape"
+    broad = refine(object_feature, "colour=red", n_bases=16)
+    assert broad.explanations == ("colour=red", "object") and broad.verdicts == ("too broad", "holds")
+    place = refine(_fixed_patch, "cell=4", n_bases=8)  # fires at patch 4 whatever it shows
+    assert place.final == "patch=4" and place.holds
+    assert refine(red_feature, "object", n_bases=16).final == "colour=red"
+    same = refine(red_feature, "colour=red", n_bases=16)
+    assert same.explanations == ("colour=red",) and same.stopped == "holds"
+    capped = refine(_round_red, "colour=red", n_bases=16, max_concepts=2)
+    assert not capped.holds and "more than 2 concepts" in capped.stopped and len(capped.explanations) == 1
+    off = refine(_round_red, "colour=red", n_bases=16, rounds=0)
+    assert off.verdicts == ("too narrow",) and off.stopped == "0 rounds done"
+    back = Result.load(narrow.save(tmp_path / "r"))
+    assert isinstance(back, Refinement) and back.explanations == narrow.explanations and back.holds
+    assert len(back.to_dataframe()) == 2 and "->" in repr(back)
+    with pytest.raises(InputError, match="rounds"):
+        refine(_round_red, "colour=red", rounds=-1)
+    with pytest.raises(InputError, match="colour=red"):
+        refine(_round_red, "colour=pink")
