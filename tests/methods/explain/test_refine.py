@@ -11,8 +11,9 @@ from test_describe_score_verify import _fixed_patch, _round_red, object_feature,
 from vlmscope.data import COLOURS, SHAPES, SIZES
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, evaluate, parse_formula
-from vlmscope.methods.explain.concepts import VALUES, parse
-from vlmscope.methods.explain.refine import Refinement, cover, cover_text, read_attributes, refine
+from vlmscope.methods.explain.concepts import VALUES, concept_masks, parse
+from vlmscope.methods.explain.controls import base_scenes, controlled_scenes
+from vlmscope.methods.explain.refine import Refinement, cover, cover_text, decisive_table, read_attributes, refine
 from vlmscope.results import Result
 
 
@@ -81,7 +82,7 @@ def test_refine_recovers_planted_rules(tmp_path):
     narrow = refine(_round_red, "colour=red", n_bases=16)  # large red objects of the fuller shapes
     assert narrow.verdicts == ("too narrow", "holds") and narrow.holds
     assert narrow.final == "colour=red AND size=large AND NOT shape=triangle"
-    assert narrow.read[0] == "colour, size, shape"
+    assert narrow.read[0] == "colour, size, shape" and narrow.ratios == (0.25, 0.25)
     broad = refine(object_feature, "colour=red", n_bases=16)
     assert broad.explanations == ("colour=red", "object") and broad.verdicts == ("too broad", "holds")
     place = refine(_fixed_patch, "cell=4", n_bases=8)  # fires at patch 4 whatever it shows
@@ -98,5 +99,25 @@ def test_refine_recovers_planted_rules(tmp_path):
     assert len(back.to_dataframe()) == 2 and "->" in repr(back)
     with pytest.raises(InputError, match="rounds"):
         refine(_round_red, "colour=red", rounds=-1)
+    with pytest.raises(InputError, match="ratios"):
+        refine(_round_red, "colour=red", ratios=(0.25, 1.5))
     with pytest.raises(InputError, match="colour=red"):
         refine(_round_red, "colour=pink")
+
+
+def test_decisive_table_picks_the_ratio_that_decides_every_group():
+    """A graded feature: 1 on red patches, uniform in [0, 0.5) on orange ones. Above 0.25 of its peak
+    orange fires about half the time (no verdict can call it); above 0.55 never."""
+    scenes = controlled_scenes("colour", base_scenes(40, seed=3))
+    masks = concept_masks(scenes, 3, ["colour=red", "colour=orange"])
+    g = torch.Generator().manual_seed(0)
+    maps = masks["colour=red"].float() + masks["colour=orange"].float() * torch.rand(len(scenes), 3, 3, generator=g) / 2
+    table, ratio = decisive_table(maps, scenes, ["colour"], (0.25, 0.55))
+    assert ratio == 0.55
+    orange = (table.keys[:, 0] == COLOURS.index("orange")).nonzero().item()
+    assert float(table.rate[orange]) == 0.0
+    low, first = decisive_table(maps, scenes, ["colour"], (0.25,))
+    assert first == 0.25 and 0.3 < float(low.rate[orange]) < 0.7
+    assert cover_text(["colour"], [tuple(k) for k in table.keys.tolist()], (table.rate >= 0.5).tolist()) == "colour=red"
+    tie, r = decisive_table(masks["colour=red"].float(), scenes, ["colour"], (0.4, 0.25))  # binary: every ratio decides
+    assert r == 0.4

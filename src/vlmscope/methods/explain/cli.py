@@ -71,6 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="while it does not hold, read the feature on new scenes and verify the formula its firing "
                    "supports, up to ROUNDS times (refine.py; default 0: verify only)")
     v.add_argument("--max-concepts", type=int, default=6, help="with --refine: the longest proposal kept")
+    v.add_argument("--ratios", default="0.25,0.4,0.55",
+                   help="with --refine: shares of its peak the feature may be read to fire above (the first for "
+                   "the given explanation)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_verify)
@@ -178,11 +181,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from vlmscope.methods.explain.zoo import patch_maps
     from vlmscope.methods.sae import load_sae
 
-    parse_formula(args.explanation)  # a clear error before any model is loaded
+    parse_formula(args.explanation)  # clear errors before any model is loaded
+    ratios = _floats(args.ratios)
     m, sae = _model(args.model), load_sae(args.sae)
     site = args.site or sae.cfg.site
     if not 0 <= args.feature < sae.cfg.d_sae:
         raise SystemExit(f"--feature {args.feature} is not a latent of this SAE (0..{sae.cfg.d_sae - 1})")
+
     def feature(images):
         return patch_maps(m, images, site, sae.encode)[..., args.feature]
 
@@ -190,7 +195,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         from vlmscope.methods.explain.refine import refine
 
         res = refine(feature, args.explanation, rounds=args.refine, n_bases=args.bases, seed=args.seed,
-                     name=f"latent {args.feature}", max_concepts=args.max_concepts)
+                     name=f"latent {args.feature}", max_concepts=args.max_concepts, ratios=ratios)
         print(res)
         print(res.to_dataframe().to_string(index=False))
         _save(res, args.out, "refinement")
@@ -200,6 +205,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(res.to_dataframe().to_string(index=False))
     _save(res, args.out, "verification")
     return 0
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--ratios takes comma-separated numbers such as 0.25,0.4,0.55, got {text!r}") from None
 
 
 def cmd_words(args: argparse.Namespace) -> int:

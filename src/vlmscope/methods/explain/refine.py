@@ -30,6 +30,8 @@ from vlmscope.methods.explain.verify import FeatureFn, patch_responses, verify
 from vlmscope.methods.explain.verify_formula import FiringTable, firing_table, patch_traits
 from vlmscope.results import Result
 
+# the shares of its peak a feature may be read to fire above: the verification loop's 0.25 first
+RATIOS = (0.25, 0.4, 0.55)
 # what a patch can be grouped by: the object at it, where it is, whether it shows an object, the image
 READ_ATTRIBUTES = (*OBJECT_ATTRIBUTES, "patch", "object", *SCENE_ATTRIBUTES)
 
@@ -45,6 +47,7 @@ class Refinement(Result):
     verdicts: tuple[str, ...]
     details: tuple[str, ...]
     read: tuple[str, ...]  # per round, "colour, size": the attributes the next proposal was read over
+    ratios: tuple[float, ...]  # per round, the share of its peak above which the feature counts as firing
     stopped: str  # why the loop ended
 
     @property
@@ -56,14 +59,16 @@ class Refinement(Result):
         return self.verdicts[-1] == "holds"
 
     def __repr__(self) -> str:
-        steps = " -> ".join(f"{e!r} ({v})" for e, v in zip(self.explanations, self.verdicts))
+        at = [f" above {r:g} of its peak" if r != self.ratios[0] else "" for r in self.ratios]
+        steps = " -> ".join(f"{e!r} ({v}{a})" for e, v, a in zip(self.explanations, self.verdicts, at))
         return f"Refinement({self.feature}: {steps}; {self.stopped})"
 
     def to_dataframe(self):
         import pandas as pd
 
         return pd.DataFrame({"round": range(len(self.explanations)), "explanation": list(self.explanations),
-                             "verdict": list(self.verdicts), "detail": list(self.details), "read": list(self.read)})
+                             "verdict": list(self.verdicts), "detail": list(self.details), "read": list(self.read),
+                             "ratio": list(self.ratios)})
 
 
 def read_attributes(explanation: str) -> list[str]:
@@ -217,16 +222,31 @@ def cover_text(attrs: Sequence[str], keys: Sequence[tuple[int, ...]], on: Sequen
     return to_text(best)
 
 
-def propose(features: FeatureFn, explanation: str, bases, ratio: float = 0.25, min_count: int = 4,
-            min_gain: float = 0.05, max_extra: int = 2, max_scenes: int = 3000) -> tuple[str | None, list[str]]:
+def decisive_table(maps: torch.Tensor, scenes, attrs: Sequence[str], ratios: Sequence[float], hold: float = 0.8,
+                   off: float = 0.2) -> tuple[FiringTable, float]:
+    """The firing table at the ratio of the peak (of `ratios`, the first on ties) that leaves the
+    fewest patches in groups the verdict rules cannot call (firing on more than `off`, less than `hold`)."""
+    best: tuple[float, float, FiringTable] | None = None
+    for r in ratios:
+        table = firing_table(maps, scenes, attrs, firing_threshold(maps.flatten(), r))
+        decided = float(table.count[(table.rate <= off) | (table.rate >= hold)].sum() / table.count.sum())
+        if best is None or decided > best[0] + 1e-9:
+            best = (decided, r, table)
+    return best[2], best[1]
+
+
+def propose(features: FeatureFn, explanation: str, bases, ratios: Sequence[float] = (0.25,), min_count: int = 4,
+            min_gain: float = 0.05, max_extra: int = 2, max_scenes: int = 3000
+            ) -> tuple[str | None, list[str], float]:
     """One reading: (the next explanation, or None / "" when the feature fires on no / every group; the
     attributes it was read over: the explanation's, then up to `max_extra` more, each the one that
-    explains most more of the firing, by at least `min_gain`)."""
+    explains most more of the firing, by at least `min_gain`; the ratio of the peak it fires above,
+    the most decisive of `ratios`)."""
     attrs = read_attributes(explanation)
     while True:
         scenes = reading_scenes(attrs, bases, max_scenes)
         maps = patch_responses(features, scenes)
-        table = firing_table(maps, scenes, attrs, firing_threshold(maps.flatten(), ratio))
+        table, ratio = decisive_table(maps, scenes, attrs, ratios)
         if len(attrs) >= len(read_attributes(explanation)) + max_extra:
             break
         extra = best_split(table, scenes, (maps.shape[1], maps.shape[2]),
@@ -236,24 +256,30 @@ def propose(features: FeatureFn, explanation: str, bases, ratio: float = 0.25, m
         attrs = [*attrs, extra]
     kept = table.count >= min_count
     keys = [tuple(k) for k in table.keys[kept].tolist()]
-    return cover_text(attrs, keys, (table.rate[kept] >= 0.5).tolist()), attrs
+    return cover_text(attrs, keys, (table.rate[kept] >= 0.5).tolist()), attrs, ratio
 
 
 def refine(features: FeatureFn, explanation: str, rounds: int = 3, n_bases: int = 24, seed: int = 0,
-           name: str = "feature", ratio: float = 0.25, max_concepts: int = 6, **judge_kwargs) -> Refinement:
+           name: str = "feature", ratios: Sequence[float] = RATIOS, max_concepts: int = 6,
+           **judge_kwargs) -> Refinement:
     """Verify `explanation`; while it does not hold (at most `rounds` times), read the feature on new
     controlled scenes, propose the formula its firing supports, and verify that on fresh scenes. A
     proposal mentioning more than `max_concepts` concepts ends the loop: it would be a truth table,
-    not an explanation.
+    not an explanation. The feature fires above a ratio of its peak: the first of `ratios` for the
+    given explanation; for a proposal, the one of `ratios` whose reading left the fewest patches in
+    undecided groups, and the proposal is verified at that ratio (a graded feature, strong on red and
+    weak on orange, is "colour=red" above 0.55 of its peak).
     The first verdict is `verify(..., seed=seed)`'s; round r reads from seed + 2r + 1 and verifies on
     seed + 2r + 2."""
     if rounds < 0:
         raise InputError(f"rounds must be >= 0, got {rounds}")
+    if not ratios or not all(0 < r < 1 for r in ratios):
+        raise InputError(f"ratios must be shares of the peak in (0, 1), got {tuple(ratios)}")
     parse_formula(explanation)  # a clear error for a malformed one
-    explanations, verdicts, details, read = [explanation], [], [], []
+    explanations, verdicts, details, read, used = [explanation], [], [], [], [float(ratios[0])]
     stopped = f"{rounds} rounds done"
     for r in range(rounds + 1):
-        v = verify(features, explanations[-1], n_bases, seed + 2 * r, name, ratio=ratio, **judge_kwargs)
+        v = verify(features, explanations[-1], n_bases, seed + 2 * r, name, ratio=used[-1], **judge_kwargs)
         verdicts.append(v.verdict)
         details.append(v.detail)
         if v.verdict == "holds":
@@ -261,7 +287,7 @@ def refine(features: FeatureFn, explanation: str, rounds: int = 3, n_bases: int 
             break
         if r == rounds:
             break
-        nxt, attrs = propose(features, explanations[-1], base_scenes(n_bases, seed + 2 * r + 1), ratio)
+        nxt, attrs, ratio = propose(features, explanations[-1], base_scenes(n_bases, seed + 2 * r + 1), ratios)
         read.append(", ".join(attrs))
         if not nxt or nxt in explanations:
             stopped = {None: "fires on no group", "": "fires on every group"}.get(nxt, f"proposed {nxt!r} again")
@@ -270,5 +296,6 @@ def refine(features: FeatureFn, explanation: str, rounds: int = 3, n_bases: int 
             stopped = f"the firing needs more than {max_concepts} concepts: {nxt!r}"
             break
         explanations.append(nxt)
+        used.append(float(ratio))
     read += [""] * (len(explanations) - len(read))
-    return Refinement(name, tuple(explanations), tuple(verdicts), tuple(details), tuple(read), stopped)
+    return Refinement(name, tuple(explanations), tuple(verdicts), tuple(details), tuple(read), tuple(used), stopped)

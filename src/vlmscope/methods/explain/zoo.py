@@ -153,18 +153,21 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
 
 
 def refine_explained(vlm, sae, explained: ExplainedFeatures, rounds: int = 3, n_bases: int = 24, seed: int = 0,
-                     max_concepts: int = 6) -> tuple[list, dict[str, float]]:
+                     max_concepts: int = 6, ratios: Sequence[float] | None = None) -> tuple[list, dict[str, float]]:
     """Run the refinement loop (refine.py) on every labelled feature of `explained` whose label does not
     hold, from the same verification seed as `explain_sae_features` (seed + 1), so round 0 repeats its
-    verdict. Returns (one Refinement per such feature, scores)."""
-    from vlmscope.methods.explain.refine import refine
+    verdict. ratios: the shares of its peak each feature may be read to fire above (default
+    refine.RATIOS). Returns (one Refinement per such feature, scores)."""
+    from vlmscope.methods.explain.refine import RATIOS, refine
+
+    ratios = tuple(ratios) if ratios is not None else RATIOS
 
     out = []
     for f, label, verdict in zip(explained.features.tolist(), explained.labels, explained.verdicts):
         if verdict == "holds":
             continue
         out.append(refine(lambda images, f=f: patch_maps(vlm, images, explained.site, sae.encode)[..., f], label,
-                          rounds, n_bases, seed + 1, f"latent {f}", max_concepts=max_concepts))
+                          rounds, n_bases, seed + 1, f"latent {f}", ratios=ratios, max_concepts=max_concepts))
     held = sum(v == "holds" for v in explained.verdicts)
     fixed = sum(r.holds for r in out)
     scores = {"refinement rounds": rounds, "labels refined": len(out), "refined labels that hold": fixed,
