@@ -1,6 +1,7 @@
 """The grounded experiments and the CLI on the zoo model (skipped when no zoo model is shipped)."""
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -183,3 +184,27 @@ def test_verify_cli_tests_a_formula_on_one_feature(tmp_path, capsys):
                              "--refine", "1", "--ratios", "0.25,high"])
     with pytest.raises(SystemExit, match="0.25,0.4,0.55"):
         bad.func(bad)
+
+
+def test_features_cli_labels_verifies_and_refines(tmp_path, capsys):
+    """`vlmscope explain features --refine 1` on a saved SAE: the table of labels and verdicts, the
+    scores (with the refinement's), and every result saved and loadable."""
+    from vlmscope.experiments import grounded
+    from vlmscope.methods.explain.refine import Refinement
+
+    grounded.sae_concepts(vlmscope.zoo.load("shapes-llava"), seed=0, out_dir=tmp_path / "sae")
+    folder = next((tmp_path / "sae").glob("*/cfg.json")).parent
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["explain", "features", "--sae", str(folder), "--n-features", "12", "--examples", "100",
+                              "--refine", "1", "--out", str(tmp_path / "out")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    scores = json.JSONDecoder().raw_decode(out[out.index("\n{\n") + 1:])[0]  # then the "saved" lines
+    res = Result.load(tmp_path / "out" / "explained_features")
+    assert scores["features examined"] == res.examined == 12 and len(res.labels) == scores["features labelled"]
+    failed = sum(v != "holds" for v in res.verdicts)
+    assert failed >= 1 and scores["labels refined"] == failed
+    refined = [Result.load(p) for p in sorted((tmp_path / "out").glob("refinement-*"))]
+    assert len(refined) == failed and all(isinstance(r, Refinement) for r in refined)
+    assert scores["labels that hold after refinement"] == len(res.labels) - failed + sum(r.holds for r in refined)
