@@ -15,7 +15,8 @@ one site of the zoo model shapes-llava, one torch thread, each side in a fresh p
   `MultiSAETrainer` on a multi-hook provider (full forward).
 - Store reuse: vlmscope `cache_dataset` once, then `train_saes(StoreSource(...))`; a rerun only
   pays the second part.
-- Step only: the rows already in memory (collected outside the timing); plus a minimal torch loop.
+- Step only: the rows already in memory (collected outside the timing); plus a minimal torch loop;
+  and vlmscope against SAELens as interleaved pairs in one process (median of `--pairs`).
 
 SAELens cannot share the main venv (it pins transformer-lens < 4): its side runs with
 PYTHONPATH=/tmp/sl_pkgs (`pip install --target /tmp/sl_pkgs sae-lens==6.54.12
@@ -192,8 +193,21 @@ def run_saelens(a, m, data):
 
     out = {"SAELens, full forward": single(False), "SAELens, hand-written early stop": single(True),
            "SAELens MultiSAETrainer, 3 SAEs one pass": timed(multi)}
-    _, batches = memory_batches(m, data, a)
+    rows, batches = memory_batches(m, data, a)
     out["step: SAELens"] = timed(lambda: SAETrainer(tcfg, sae(a.width[a.site]), iter(batches)).fit())
+    # the same comparison as interleaved pairs in this one process (vlmscope imports here too), the
+    # median of `--pairs` each: steadier than one run per process on a shared machine
+    from vlmscope.methods.sae import SAESpec, TensorSource, TrainConfig, train_saes
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch, lr=a.lr, warmup_steps=a.warmup,
+                      decay_fraction=a.decay_fraction, normalise=False, checkpoint_every=10**9)
+    src = TensorSource({a.site: rows}, chunk_rows=a.chunk_images * len(rows) // len(data))
+    pairs = {"vlmscope": [], "SAELens": []}
+    for _ in range(a.pairs):
+        pairs["vlmscope"].append(timed(lambda: train_saes(src, [SAESpec(a.site, "topk", d_sae=a.d_sae, k=a.k)], cfg,
+                                                          progress=False)))
+        pairs["SAELens"].append(timed(lambda: SAETrainer(tcfg, sae(a.width[a.site]), iter(batches)).fit()))
+    for name, ts in pairs.items():
+        out[f"step, interleaved pairs (median): {name}"] = sorted(ts)[len(ts) // 2]
     return out
 
 
@@ -250,6 +264,7 @@ def main():
     ap.add_argument("--model-batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sides", default="vlmscope,saelens,overcomplete")
+    ap.add_argument("--pairs", type=int, default=5, help="interleaved step-only pairs (vlmscope, SAELens)")
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer steps, smaller chunks")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -278,12 +293,13 @@ def report(times, a):
     tokens = a.steps * a.batch
     print(f"TopK d_sae {a.d_sae}, k {a.k}, batch {a.batch}, {a.steps} steps ({tokens} tokens per SAE), "
           f"lr {a.lr}, site {a.site}, one torch thread")
-    base = {"": times.get("SAELens, full forward"), "step: ": times.get("step: SAELens")}
+    base = {"": times.get("SAELens, full forward"), "step: ": times.get("step: SAELens"),
+            "step, ": times.get("step, interleaved pairs (median): SAELens")}
     print("| run | SAEs | seconds | SAE-tokens/s | vs SAELens (same kind of run) |")
     print("|---|---|---|---|---|")
     for name, t in times.items():
         n_sae = 3 if "3 SAEs" in name else 1
-        ref = base["step: " if name.startswith("step") else ""]
+        ref = base["step: " if name.startswith("step:") else "step, " if name.startswith("step,") else ""]
         if "3 SAEs" in name:
             ref = times.get("SAELens MultiSAETrainer, 3 SAEs one pass")
         ratio = f"{ref / t:.2f}x" if ref else ""
