@@ -59,6 +59,20 @@ class AttributeHeads(Result):
     modes: tuple[str, ...]  # "direct", "total"
     accuracy: torch.Tensor  # (mode, group, attribute)
     evidence: torch.Tensor  # (mode, group, attribute)
+    # (head, attribute) share of the attribute's evidence removed by mean-ablating that head alone at
+    # every position (total effect, direct and through later layers); None in results saved before it
+    head_drop: torch.Tensor | None = None
+
+    def causal_heads(self) -> dict[str, tuple[str, float, str]]:
+        """attribute -> (the head whose ablation alone removes most of its evidence, that share, the
+        attribute TEXTSPAN names that head for): does the direct-effect name match the causal role?"""
+        if self.head_drop is None:
+            return {}
+        out = {}
+        for j, a in enumerate(self.attributes):
+            i = int(self.head_drop[:, j].argmax())
+            out[a] = (self.heads[i], float(self.head_drop[i, j]), self.assigned[i])
+        return out
 
     def heads_for(self, attribute: str) -> list[str]:
         return [h for h, a in zip(self.heads, self.assigned) if a == attribute]
@@ -82,13 +96,14 @@ class AttributeHeads(Result):
                 out[name] = (float(drop[g, self.attributes.index(name)]), sum(others) / max(len(others), 1))
         return out
 
-    def confirmed(self, ratio: float = 1.5) -> tuple[str, ...]:
-        """Attributes whose heads, ablated directly or in total, remove at least `ratio` times as much
-        of their own attribute's evidence as of the others' (on average)."""
+    def confirmed(self, ratio: float = 1.5, min_drop: float = 0.05) -> tuple[str, ...]:
+        """Attributes whose heads, ablated directly or in total, remove at least `min_drop` of their own
+        attribute's evidence and at least `ratio` times as much as of the others' (on average); the
+        floor keeps a head that barely matters from passing on a ratio of two near-zero drops."""
         out = []
         for a in self.named:
             pairs = [self.own_other(m).get(a) for m in self.modes]  # (own, other) per mode; None: no heads
-            if any(p and p[0] > 0 and p[0] >= ratio * p[1] for p in pairs):
+            if any(p and p[0] >= min_drop and p[0] >= ratio * p[1] for p in pairs):
                 out.append(a)
         return tuple(out)
 
@@ -179,8 +194,13 @@ def zoo_textspan(vlm, n: int = 300, seed: int = 0, layers: list[int] | None = No
         rows["total"].append(_scores(hurt["vision.proj"], texts, labels))
     acc = torch.tensor([[r[0] for r in rs] for rs in rows.values()])  # (mode, group, attribute)
     ev = torch.tensor([[r[1] for r in rs] for rs in rows.values()])
+    alone = []  # each head mean-ablated alone, in total
+    for h in ts.heads:
+        _, hurt = vlm.run_with_cache(x, "vision.proj", interventions=head_mean_ablations([h], ref))
+        alone.append(_scores(hurt["vision.proj"], texts, labels)[1])
+    head_drop = 1 - torch.tensor(alone) / ev[0, 0]  # (head, attribute)
     res = AttributeHeads(ts.heads, tuple(prompts), named, share, assigned, torch.tensor([spread[a] for a in prompts]),
-                         ("none", *groups), tuple(rows), acc, ev)
+                         ("none", *groups), tuple(rows), acc, ev, head_drop)
     scores = _summary(res)
     writers = evidence_by_component(hc, texts, labels)  # (component, attribute)
     kinds = {"heads": [".H" in c for c in hc.components], "MLPs": [c.endswith(".mlp") for c in hc.components]}
@@ -212,4 +232,12 @@ def _summary(res: AttributeHeads) -> dict[str, float | str]:
         scores[f"TEXTSPAN {a} heads confirmed by ablation"] = float(a in confirmed)
     scores["TEXTSPAN: colour, shape, position with confirmed heads"] = sum(
         a in confirmed for a in ("colour", "shape", "position"))
+    causal = res.causal_heads()
+    for a, (head, drop, name) in causal.items():
+        scores[f"TEXTSPAN: {a}, the head whose ablation alone removes most evidence"] = \
+            f"{head} ({drop:.2f}; named {name})"
+        scores[f"TEXTSPAN: {a}, largest evidence share one head's ablation removes"] = drop
+    if causal:
+        scores["TEXTSPAN: attributes whose most causal head is named for them"] = sum(
+            name == a for a, (_, _, name) in causal.items())
     return scores
