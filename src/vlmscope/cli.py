@@ -201,8 +201,11 @@ def cmd_over_training(args) -> int:
     from vlmscope.experiments.across import over_training
     from vlmscope.experiments.spec import Experiment, load_experiment, method
 
+    if args.experiment and args.method:
+        raise SystemExit("give --experiment or --method, not both")
+    kinds = args.method or []
     exp = load_experiment(args.experiment) if args.experiment else Experiment(
-        model=args.model, methods=(method("probe", attribute="cell", n=200),))
+        model=args.model, methods=tuple(method(k) for k in kinds) or (method("probe", attribute="cell", n=200),))
     result = over_training(args.checkpoints or args.model, exp, n_eval=args.n)
     print("\n".join(result.timeline() + ["", "aligned:"] + result.alignments()))
     _save(args.out, "over-training", result, None, result.plot())
@@ -279,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoints", nargs="+", default=None,
                    help="your own checkpoint folders (named with their step, e.g. checkpoint-500), not a zoo model")
     o.add_argument("--experiment", default=None)
+    o.add_argument("--method", action="append", default=None, metavar="KIND",
+                   help="a method kind with its default options, instead of --experiment (repeatable; e.g. textspan "
+                   "on shapes-clip; default: a probe of cell)")
     o.add_argument("--n", type=int, default=300, help="examples per accuracy evaluation")
     o.add_argument("--out", default="vlmscope-out")
     o.set_defaults(func=cmd_over_training)

@@ -40,7 +40,7 @@ def run_on_user_data(vlm, spec: MethodSpec, data: UserData, seed: int) -> tuple[
     from vlmscope.methods.patching import patch_sweep
     from vlmscope.methods.probing import probe_sites
 
-    if spec.kind in ("scene", "accuracy"):
+    if spec.kind in ("scene", "accuracy", "textspan"):
         raise InputError(f"method kind {spec.kind!r} needs the shapes world's ground truth; on your own data use "
                          "probe, lens, patch or knockout")
     x = user_inputs(vlm, data)
@@ -84,6 +84,13 @@ def run_method(vlm, spec: MethodSpec, seed: int, out: Path | None = None, data: 
     elif spec.kind == "patch":
         sites = None if o["sites"] == "auto" else o["sites"]
         result, scores = grounded.sip_localisation(vlm, n_pairs=o["n"], seed=seed, sites=sites)
+    elif spec.kind == "textspan":
+        from vlmscope.methods.explain.zoo_textspan import zoo_textspan
+
+        if not vlm.adapter.dual_encoder:
+            raise InputError("method kind 'textspan' reads the heads of a dual encoder's image tower (e.g. "
+                             f"shapes-clip); this model is {type(vlm.model).__name__}")
+        result, _, scores = zoo_textspan(vlm, n=o["n"], seed=seed)
     else:
         result, _, scores = grounded.image_flow_knockout(vlm, n=o["n"], seed=seed, window=o["window"])
     if out is not None:

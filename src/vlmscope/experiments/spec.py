@@ -3,7 +3,7 @@
     model = "shapes-llava"        # a zoo name or a local checkpoint folder
     seed = 0
     [[method]]
-    kind = "probe"                # probe | lens | patch | knockout | scene | accuracy
+    kind = "probe"                # probe | lens | patch | knockout | scene | accuracy | textspan
     attribute = "colour"
     [[method]]
     kind = "patch"
@@ -29,6 +29,7 @@ METHOD_KEYS: dict[str, dict[str, Any]] = {
     "knockout": {"n": 120, "window": 1},
     "scene": {"attribute": "colour", "n": 600},  # the scene probe: what is at each cell, from all image tokens
     "accuracy": {"n": 600},  # task accuracy per question family
+    "textspan": {"n": 300},  # TEXTSPAN heads of a dual encoder, checked by ablation (explain/zoo_textspan.py)
 }
 
 

@@ -125,3 +125,23 @@ def test_attribute_heads_round_trip(heads, tmp_path):
     fig = back.plot()
     assert len(fig.axes) == 3  # direct, total, colour bar
     plt.close(fig)
+
+
+def test_textspan_over_training_finds_the_shape_head_fading():
+    """TEXTSPAN as an experiment method (kind "textspan") traced over shapes-clip's checkpoints: the
+    confirmed shape head of step 3,500 is gone at 7,000, a phase change the curves report; on a
+    model without a dual encoder the method kind is refused."""
+    from vlmscope.errors import InputError
+    from vlmscope.experiments.across import over_training
+    from vlmscope.experiments.run import run_method
+    from vlmscope.experiments.spec import Experiment, method
+
+    exp = Experiment(model="shapes-clip", methods=(method("textspan"),))
+    curves = over_training("shapes-clip", exp, steps=[3500, 7000], n_eval=60)
+    row = curves.metrics.index("textspan: TEXTSPAN shape heads confirmed by ablation")
+    assert curves.values[row].tolist() == [1.0, 0.0]
+    assert {"metric": "textspan: TEXTSPAN shape heads confirmed by ablation", "step": 7000, "before": 1.0,
+            "after": 0.0} in curves.changes
+    assert "accuracy shape" in curves.metrics  # zero-shot accuracy per attribute beside the heads
+    with pytest.raises(InputError, match="dual encoder"):
+        run_method(vlmscope.zoo.load("shapes-llava"), method("textspan"), seed=0)
