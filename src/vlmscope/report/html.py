@@ -268,6 +268,11 @@ def _explain_reading(sc: dict) -> str:
             if where:
                 text += (" The share of its direct zero-shot evidence that the MLPs write, not the heads: "
                          + ", ".join(where) + ".")
+            causal = [f"{a}: {sc[k]}" for a in unnamed
+                      if (k := f"TEXTSPAN: {a}, the head whose ablation alone removes most evidence") in sc]
+            if causal:
+                text += (" Ablating one head at a time, the head it depends on most (share of its evidence removed; "
+                         "what TEXTSPAN names it): " + "; ".join(causal) + ".")
     if "lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
         hits = ", ".join(f"{d} {sc.get(f'{d} neurons: own/other first block hit', nan):.1f}× / "
                          f"{sc.get(f'{d} neurons: own/other last block hit', nan):.1f}×"

@@ -79,6 +79,10 @@ def test_single_head_ablation_finds_the_heads_shape_depends_on(heads):
         assert causal[a][2] == a and causal[a][1] > 0.2
     assert scores["TEXTSPAN: attributes whose most causal head is named for them"] == 3
     assert scores["TEXTSPAN: shape, the head whose ablation alone removes most evidence"].startswith("L2.H2 (0.4")
+    from vlmscope.report.html import _explain_reading
+
+    reading = _explain_reading(scores)  # the report says it where it says no head is named for shape
+    assert "no single head is named for it" in reading and "shape: L2.H2 (0.4" in reading and "named colour)" in reading
 
 
 def test_a_shape_head_forms_early_in_training_and_fades():
