@@ -13,7 +13,8 @@ from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, evaluate, parse_formula
 from vlmscope.methods.explain.concepts import VALUES, concept_masks, parse
 from vlmscope.methods.explain.controls import base_scenes, controlled_scenes
-from vlmscope.methods.explain.refine import Refinement, cover, cover_text, decisive_table, read_attributes, refine
+from vlmscope.methods.explain.cover import cover, cover_text
+from vlmscope.methods.explain.refine import Refinement, decisive_table, read_attributes, refine
 from vlmscope.results import Result
 
 

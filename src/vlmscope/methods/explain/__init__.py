@@ -18,6 +18,7 @@ from vlmscope.methods.explain.compose import (
     parse_formula,
 )
 from vlmscope.methods.explain.concepts import all_concepts, concept_masks, parse
+from vlmscope.methods.explain.cover import cover_text
 from vlmscope.methods.explain.describe import Dissection, LLMDescription, describe_with_llm, dissect, llm_messages
 from vlmscope.methods.explain.neurons import (
     Deactivation,
@@ -35,7 +36,7 @@ from vlmscope.methods.explain.patchscope import (
     patchscope_inputs,
     patchscope_logits,
 )
-from vlmscope.methods.explain.refine import Refinement, cover_text, refine
+from vlmscope.methods.explain.refine import Refinement, refine
 from vlmscope.methods.explain.score import ExplanationScores, correlation, score_explanations
 from vlmscope.methods.explain.splice import SpliceResult, nonneg_lasso, splice, splice_decompose
 from vlmscope.methods.explain.textspan import (

@@ -8,23 +8,22 @@ and at most two, the attribute that explains most more of where it fires (epsilo
 patch-level firing, as the verdicts' "depends on") joins them and the scenes are read again.
 The patches are grouped by their values of those attributes, and the next explanation is a short
 formula true on the groups where the feature fires on most patches and false on the others
-(`cover`). Each proposal is verified on scenes drawn from another seed than the ones it was read
+(cover.py). Each proposal is verified on scenes drawn from another seed than the ones it was read
 from, so an explanation is never judged on the data that produced it.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from vlmscope.data.vocab import GRID
 from vlmscope.errors import InputError
-from vlmscope.methods.explain.compose import Formula, atoms, parse_formula, to_text
-from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, SCENE_ATTRIBUTES, VALUES, WHOLE, parse
+from vlmscope.methods.explain.compose import atoms, parse_formula
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, SCENE_ATTRIBUTES, WHOLE, parse
 from vlmscope.methods.explain.controls import axis_scenes, base_scenes
+from vlmscope.methods.explain.cover import cover_text, formula_size
 from vlmscope.methods.explain.verdicts import epsilon_squared, firing_threshold
 from vlmscope.methods.explain.verify import FeatureFn, patch_responses, verify
 from vlmscope.methods.explain.verify_formula import FiringTable, firing_table, patch_traits
@@ -105,123 +104,6 @@ def best_split(table: FiringTable, scenes, grid: tuple[int, int], candidates: Se
     return choice
 
 
-def cover(keys: Sequence[tuple[int, ...]], on: Sequence[bool], order: Sequence[int] | None = None
-          ) -> list[list[frozenset[int]]]:
-    """A short cover of the `on` keys by cubes (one set of values per attribute) containing no key
-    that is off. Each uncovered on key grows into a cube: an attribute is dropped (all its values)
-    where that takes in no off key, else widened one value at a time where that takes in more on keys;
-    then cubes whose on keys others cover are removed. Unobserved combinations count as either.
-    `order`: the attributes in the order they are widened (default: most values first)."""
-    keys = [tuple(k) for k in keys]
-    n_attr = len(keys[0]) if keys else 0
-    domains = [sorted({k[i] for k in keys}) for i in range(n_attr)]
-    on_keys = [k for k, o in zip(keys, on) if o]
-    off_keys = [k for k, o in zip(keys, on) if not o]
-
-    def inside(cube, k) -> bool:
-        return all(v in s for v, s in zip(k, cube))
-
-    def clean(cube) -> bool:
-        return not any(inside(cube, k) for k in off_keys)
-
-    cubes: list[list[frozenset[int]]] = []
-    order = list(order) if order is not None else sorted(range(n_attr), key=lambda i: -len(domains[i]))
-    for seed in on_keys:
-        if any(inside(c, seed) for c in cubes):
-            continue
-        cube = [frozenset([v]) for v in seed]
-        for i in order:
-            whole = cube[:i] + [frozenset(domains[i])] + cube[i + 1:]
-            if clean(whole):
-                cube = whole
-                continue
-            for v in domains[i]:
-                wider = cube[:i] + [cube[i] | {v}] + cube[i + 1:]
-                if v not in cube[i] and clean(wider) and any(inside(wider, k) and not inside(cube, k) for k in on_keys):
-                    cube = wider
-        cubes.append(cube)
-    for c in sorted(cubes, key=lambda c: sum(inside(c, k) for k in on_keys)):  # smallest first
-        rest = [d for d in cubes if d is not c]
-        if all(any(inside(d, k) for d in rest) for k in on_keys if inside(c, k)):
-            cubes = rest
-    return cubes
-
-
-def _any(concepts: Sequence[Formula]) -> Formula:
-    f = concepts[0]
-    for g in concepts[1:]:
-        f = ("or", f, g)
-    return f
-
-
-def _all(parts: Sequence[Formula]) -> Formula:
-    f = parts[0]
-    for g in parts[1:]:
-        f = ("and", f, g)
-    return f
-
-
-def _literal(attr: str, chosen: frozenset[int], domain: Sequence[int]) -> tuple[Formula | None, bool]:
-    """A set of an attribute's values (indices into VALUES; -1: the patch shows no object) as concepts
-    (None when it allows every observed value), and whether the set leaves out patches without an
-    object that the concepts do not (the caller then adds "object" once)."""
-    if set(domain) <= chosen:
-        return None, False
-    if attr == "object":
-        return ("object" if 1 in chosen else "background"), False
-    names = VALUES[attr]
-    real = sorted(v for v in chosen if v >= 0)
-    rest = sorted(v for v in domain if v >= 0 and v not in chosen)
-    if not real:  # only patches showing no object
-        return "background", False
-    if attr == "patch":  # a whole row or column reads better by its name
-        for kind, cells in (("row", lambda r: [r * GRID + c for c in range(GRID)]),
-                            ("column", lambda c: [r * GRID + c for r in range(GRID)])):
-            for j in range(GRID):
-                if real == cells(j):
-                    return f"{kind}={j}", False
-    if len(real) <= max(len(rest), 1):
-        f = _any([f"{attr}={names[v]}" for v in real])
-        return (("or", "background", f) if -1 in chosen else f), False
-    nots = _all([("not", f"{attr}={names[v]}") for v in rest]) if rest else None
-    return nots, -1 not in chosen and -1 in domain
-
-
-def _cube_formula(attrs, cube, domains) -> Formula | None:
-    """One cube as a conjunction of concepts (None: it allows everything)."""
-    parts = [_literal(a, s, d) for a, s, d in zip(attrs, cube, domains)]
-    lits = [f for f, _ in parts if f is not None]
-    # "NOT colour=red" is also true where no object is: say "object" unless another concept does
-    implied = any((-1 not in s and -1 in d and not needs) or (a == "object" and 0 not in s)
-                  for a, (_, needs), s, d in zip(attrs, parts, cube, domains))
-    if any(needs for _, needs in parts) and not implied:
-        lits = ["object", *lits]
-    return _all(lits) if lits else None
-
-
-def _size(f: Formula) -> int:
-    """Concepts a formula mentions, counting repeats."""
-    return 1 if isinstance(f, str) else sum(_size(g) for g in f[1:])
-
-
-def cover_text(attrs: Sequence[str], keys: Sequence[tuple[int, ...]], on: Sequence[bool]) -> str | None:
-    """The shortest formula (fewest concepts mentioned) of `cover`'s cubes over every order of
-    widening the attributes (None when the feature fires on no group; "" on every group)."""
-    if not any(on):
-        return None
-    domains = [sorted({k[i] for k in keys}) for i in range(len(attrs))]
-    orders = itertools.permutations(range(len(attrs))) if len(attrs) <= 4 else [None]
-    best: Formula | None = None
-    for order in orders:
-        terms = [_cube_formula(attrs, c, domains) for c in cover(keys, on, order)]
-        if any(t is None for t in terms):
-            return ""
-        f = _any(terms)
-        if best is None or (_size(f), len(to_text(f))) < (_size(best), len(to_text(best))):
-            best = f
-    return to_text(best)
-
-
 def decisive_table(maps: torch.Tensor, scenes, attrs: Sequence[str], ratios: Sequence[float], hold: float = 0.8,
                    off: float = 0.2) -> tuple[FiringTable, float]:
     """The firing table at the ratio of the peak (of `ratios`, the first on ties) that leaves the
@@ -292,7 +174,7 @@ def refine(features: FeatureFn, explanation: str, rounds: int = 3, n_bases: int 
         if not nxt or nxt in explanations:
             stopped = {None: "fires on no group", "": "fires on every group"}.get(nxt, f"proposed {nxt!r} again")
             break
-        if _size(parse_formula(nxt)) > max_concepts:
+        if formula_size(parse_formula(nxt)) > max_concepts:
             stopped = f"the firing needs more than {max_concepts} concepts: {nxt!r}"
             break
         explanations.append(nxt)
