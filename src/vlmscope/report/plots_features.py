@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 
 from vlmscope.report.plots import _axes, heatmap_over_image, plotter, plt
@@ -235,6 +237,22 @@ def verification(r, ax=None):
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("fires")
     ax.set_title(f"{r.feature}: {r.explanation} {r.verdict}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("refinement")
+def refinement(r, ax=None):
+    """The explanation of each round, top to bottom, coloured by its verdict on fresh scenes."""
+    colours = {"holds": "tab:green", "too broad": "tab:orange", "too narrow": "tab:purple", "does not hold": "tab:red"}
+    fig, ax = _axes(ax, (8, 0.8 + 0.45 * len(r.explanations)))
+    ax.axis("off")
+    n = len(r.explanations)
+    for i, (e, v, q) in enumerate(zip(r.explanations, r.verdicts, r.ratios)):
+        text = textwrap.shorten(e, 110, placeholder=" ...")
+        ax.text(0, 1 - (i + 0.5) / n, f"{i}. {text}  [{v}, above {q:g} of its peak]", color=colours.get(v, "black"),
+                fontsize=8, va="center", transform=ax.transAxes)
+    ax.set_title(f"{r.feature}: {r.stopped}", fontsize=9)
     fig.tight_layout()
     return fig
 

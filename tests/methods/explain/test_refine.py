@@ -3,6 +3,7 @@ propose → verify loop on planted features whose true rule is known."""
 
 import itertools
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -98,6 +99,9 @@ def test_refine_recovers_planted_rules(tmp_path):
     back = Result.load(narrow.save(tmp_path / "r"))
     assert isinstance(back, Refinement) and back.explanations == narrow.explanations and back.holds
     assert len(back.to_dataframe()) == 2 and "->" in repr(back)
+    fig = back.plot()
+    assert len(fig.axes) == 1 and "holds" in fig.axes[0].get_title()
+    plt.close(fig)
     with pytest.raises(InputError, match="rounds"):
         refine(_round_red, "colour=red", rounds=-1)
     with pytest.raises(InputError, match="ratios"):
