@@ -126,3 +126,22 @@ def test_decisive_table_picks_the_ratio_that_decides_every_group():
     assert cover_text(["colour"], [tuple(k) for k in table.keys.tolist()], (table.rate >= 0.5).tolist()) == "colour=red"
     tie, r = decisive_table(masks["colour=red"].float(), scenes, ["colour"], (0.4, 0.25))  # binary: every ratio decides
     assert r == 0.4
+
+
+def test_epsilon_squared_matches_the_textbook_formula():
+    """(SS_between − (k − 1) MS_within) / SS_total, computed by hand; rows of 2-d labels are one group."""
+    from vlmscope.methods.explain.verdicts import epsilon_squared
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 200)
+    fired = rng.random(200) < np.array([0.1, 0.5, 0.6, 0.9])[labels]
+    x = fired.astype(float)
+    groups = [x[labels == g] for g in range(4)]
+    ss_t = ((x - x.mean()) ** 2).sum()
+    ss_b = sum(len(g) * (g.mean() - x.mean()) ** 2 for g in groups)
+    ms_w = (ss_t - ss_b) / (200 - 4)
+    ref = (ss_b - 3 * ms_w) / ss_t
+    assert epsilon_squared(torch.from_numpy(fired), torch.from_numpy(labels)) == pytest.approx(ref, rel=1e-9)
+    pairs = torch.from_numpy(np.stack([labels // 2, labels % 2], 1))  # the same 4 groups as (a, b) rows
+    assert epsilon_squared(torch.from_numpy(fired), pairs) == pytest.approx(ref, rel=1e-9)
+    assert epsilon_squared(torch.ones(10, dtype=torch.bool), torch.arange(10) % 2) == float("-inf")  # no variance
