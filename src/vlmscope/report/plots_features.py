@@ -241,17 +241,20 @@ def verification(r, ax=None):
     return fig
 
 
+VERDICT_COLOURS = {"holds": "tab:green", "too broad": "tab:orange", "too narrow": "tab:purple",
+                   "does not hold": "tab:red"}
+
+
 @plotter("refinement")
 def refinement(r, ax=None):
     """The explanation of each round, top to bottom, coloured by its verdict on fresh scenes."""
-    colours = {"holds": "tab:green", "too broad": "tab:orange", "too narrow": "tab:purple", "does not hold": "tab:red"}
     fig, ax = _axes(ax, (8, 0.8 + 0.45 * len(r.explanations)))
     ax.axis("off")
     n = len(r.explanations)
     for i, (e, v, q) in enumerate(zip(r.explanations, r.verdicts, r.ratios)):
         text = textwrap.shorten(e, 110, placeholder=" ...")
-        ax.text(0, 1 - (i + 0.5) / n, f"{i}. {text}  [{v}, above {q:g} of its peak]", color=colours.get(v, "black"),
-                fontsize=8, va="center", transform=ax.transAxes)
+        ax.text(0, 1 - (i + 0.5) / n, f"{i}. {text}  [{v}, above {q:g} of its peak]",
+                color=VERDICT_COLOURS.get(v, "black"), fontsize=8, va="center", transform=ax.transAxes)
     ax.set_title(f"{r.feature}: {r.stopped}", fontsize=9)
     fig.tight_layout()
     return fig
@@ -261,8 +264,7 @@ def refinement(r, ax=None):
 def explained_features(r, ax=None):
     """Best dissection IoU against simulation correlation, coloured by verdict."""
     fig, ax = _axes(ax, (4.5, 3.5))
-    colours = {"holds": "tab:green", "too broad": "tab:orange", "too narrow": "tab:purple", "does not hold": "tab:red"}
-    for v, c in colours.items():
+    for v, c in VERDICT_COLOURS.items():
         idx = [i for i, x in enumerate(r.verdicts) if x == v]
         if idx:
             ax.scatter(r.iou[idx].numpy(), r.correlation[idx].numpy(), color=c, label=v, s=14)

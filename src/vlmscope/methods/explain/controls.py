@@ -83,7 +83,12 @@ def _moves_object(explanation: str) -> tuple[set[str], bool]:
 def formula_axes(explanation: str) -> tuple[str, ...]:
     """The attributes a formula's controlled scenes vary together: those it names ("patch",
     "object" and "background" move the object through every cell, "cell")."""
-    kinds, moves = _moves_object(explanation)
+    return scene_axes(*_moves_object(explanation))
+
+
+def scene_axes(kinds, moves: bool) -> tuple[str, ...]:
+    """The object and scene attributes among `kinds`, in a fixed order, with "cell" when the object
+    is to move through every cell (`moves`)."""
     return tuple(a for a in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES) if a in kinds or (a == "cell" and moves))
 
 

@@ -22,7 +22,7 @@ import torch
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, parse_formula
 from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, SCENE_ATTRIBUTES, WHOLE, parse
-from vlmscope.methods.explain.controls import axis_scenes, base_scenes
+from vlmscope.methods.explain.controls import axis_scenes, base_scenes, scene_axes
 from vlmscope.methods.explain.cover import cover_text, formula_size
 from vlmscope.methods.explain.verdicts import epsilon_squared, firing_threshold
 from vlmscope.methods.explain.verify import FeatureFn, patch_responses, verify
@@ -86,8 +86,7 @@ def reading_scenes(attrs: Sequence[str], bases, max_scenes: int = 3000):
     """Scenes varying `attrs` together: object and scene attributes through their values; "patch" and
     "object" move the object through every cell and add the emptied scene."""
     moves = bool({"patch", "object"} & set(attrs))
-    axes = [a for a in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES) if a in attrs or (a == "cell" and moves)]
-    return axis_scenes(axes, bases, moves, max_scenes)
+    return axis_scenes(scene_axes(attrs, moves), bases, moves, max_scenes)
 
 
 def best_split(table: FiringTable, scenes, grid: tuple[int, int], candidates: Sequence[str],
@@ -125,11 +124,12 @@ def propose(features: FeatureFn, explanation: str, bases, ratios: Sequence[float
     explains most more of the firing, by at least `min_gain`; the ratio of the peak it fires above,
     the most decisive of `ratios`)."""
     attrs = read_attributes(explanation)
+    most = len(attrs) + max_extra
     while True:
         scenes = reading_scenes(attrs, bases, max_scenes)
         maps = patch_responses(features, scenes)
         table, ratio = decisive_table(maps, scenes, attrs, ratios)
-        if len(attrs) >= len(read_attributes(explanation)) + max_extra:
+        if len(attrs) >= most:
             break
         extra = best_split(table, scenes, (maps.shape[1], maps.shape[2]),
                            [a for a in READ_ATTRIBUTES if a not in attrs], min_gain)

@@ -186,18 +186,19 @@ def zoo_textspan(vlm, n: int = 300, seed: int = 0, layers: list[int] | None = No
     groups = {a: [h for h, g in zip(ts.heads, assigned) if g == a] for a in named}
     groups = {a: hs for a, hs in groups.items() if hs}
     _, ref = vlm.run_with_cache(x, "vision.blocks.*.attn.z")
+
+    def total(heads: list[str]):  # (accuracy, evidence) with `heads` mean-ablated at every position
+        _, hurt = vlm.run_with_cache(x, "vision.proj", interventions=head_mean_ablations(heads, ref))
+        return _scores(hurt["vision.proj"], texts, labels)
+
     rows: dict[str, list] = {"direct": [_scores(hc.embedding, texts, labels)]}
     rows["total"] = [rows["direct"][0]]
     for hs in groups.values():
         rows["direct"].append(_scores(hc.ablated(hs), texts, labels))
-        _, hurt = vlm.run_with_cache(x, "vision.proj", interventions=head_mean_ablations(hs, ref))
-        rows["total"].append(_scores(hurt["vision.proj"], texts, labels))
+        rows["total"].append(total(hs))
     acc = torch.tensor([[r[0] for r in rs] for rs in rows.values()])  # (mode, group, attribute)
     ev = torch.tensor([[r[1] for r in rs] for rs in rows.values()])
-    alone = []  # each head mean-ablated alone, in total
-    for h in ts.heads:
-        _, hurt = vlm.run_with_cache(x, "vision.proj", interventions=head_mean_ablations([h], ref))
-        alone.append(_scores(hurt["vision.proj"], texts, labels)[1])
+    alone = [total([h])[1] for h in ts.heads]  # each head mean-ablated alone, in total
     head_drop = 1 - torch.tensor(alone) / ev[0, 0]  # (head, attribute)
     res = AttributeHeads(ts.heads, tuple(prompts), named, share, assigned, torch.tensor([spread[a] for a in prompts]),
                          ("none", *groups), tuple(rows), acc, ev, head_drop)
