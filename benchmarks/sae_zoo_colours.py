@@ -25,6 +25,7 @@ SETUPS = {
     "whitened": {"k": 10, "n": 20000, "steps": 6000, "whiten": 0.1},
     "whitened-long": {"k": 10, "n": 20000, "steps": 20000, "whiten": 0.1},
     "matryoshka": {"k": 10, "n": 20000, "steps": 6000, "whiten": 0.1, "d_sae": 128, "matryoshka": (32,)},
+    "connector-restarts": {"site": "connector.out", "k": 6, "n": 20000, "steps": 6000, "whiten": 0.1, "restarts": 8},
 }
 
 
@@ -45,8 +46,9 @@ def main() -> None:
             raise SystemExit(f"unknown setup {name!r}; valid: {', '.join(SETUPS)}")
         for seed in (int(s) for s in args.seeds.split(",")):
             t = time.time()
-            _, colour, shape, _ = grounded.sae_concepts(vlm, seed=seed, **SETUPS[name])
+            _, colour, shape, scores = grounded.sae_concepts(vlm, seed=seed, **SETUPS[name])
             row = {"setup": name, **SETUPS[name], "seed": seed, "seconds": round(time.time() - t, 1),
+                   "restart kept": scores.get("restart kept"),
                    "colour": dict(zip(colour.concepts, colour.best_f1.tolist(), strict=True)),
                    "mean colour F1": float(colour.best_f1.mean()), "mean shape F1": float(shape.best_f1.mean()),
                    "uncaptured colours": list(colour.uncaptured)}

@@ -32,7 +32,8 @@ def _encode(v: Any) -> Any:
 RESULT_MODULES = (
     "vlmscope.methods.probing", "vlmscope.methods.lens", "vlmscope.methods.patching", "vlmscope.methods.knockout",
     "vlmscope.methods.path_patching", "vlmscope.methods.ablation", "vlmscope.methods.similarity",
-    "vlmscope.methods.sae.evaluate", "vlmscope.methods.sae.features", "vlmscope.methods.explain",
+    "vlmscope.methods.sae.evaluate", "vlmscope.methods.sae.features", "vlmscope.methods.sae.restarts",
+    "vlmscope.methods.explain",
     "vlmscope.experiments.accuracy", "vlmscope.experiments.across", "vlmscope.experiments.micro_macro",
     "vlmscope.experiments.spec", "vlmscope.scale.plan",
 )

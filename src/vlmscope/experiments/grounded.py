@@ -220,14 +220,16 @@ def _answer_logit(answers: torch.Tensor):
 
 def sae_concepts(vlm, site: str | None = None, n: int = 1500, seed: int = 0, architecture: str = "topk",
                  k: int = 4, d_sae: int = 64, steps: int = 800, whiten: float = 0.0, matryoshka: tuple[int, ...] = (),
-                 out_dir=None):
+                 restarts: int = 1, out_dir=None):
     """Train an SAE on `site` at image patches of zoo scenes, then ask: for each colour and shape,
     does one feature fire exactly on the patches of objects with that concept? Background
     patches count as negatives. Returns (sae, colour F1, shape F1, scores). whiten: ZCA-whiten the
     rows first (TrainConfig.whiten); the best setup measured (docs/sae.md, "Colour concept F1")
     is whiten=0.1, k=10, n=20000, steps=20000 (benchmarks/sae_zoo_colours.py). matryoshka: nested
-    prefix widths (sae/matryoshka.py)."""
+    prefix widths (sae/matryoshka.py). restarts > 1: train that many initialisations on the first 70 %
+    of the rows and keep the one with the lowest FVU on the next 10 % (sae/restarts.py)."""
     from vlmscope.methods.sae import SAESpec, TensorSource, TrainConfig, concept_f1, train_saes
+    from vlmscope.methods.sae.restarts import train_restarts
 
     site = site or vlm.sites("vision.blocks.*.resid_post")[-1]  # default: the last vision block
     exs = truth.examples(seed, n)
@@ -249,7 +251,16 @@ def sae_concepts(vlm, site: str | None = None, n: int = 1500, seed: int = 0, arc
     spec = SAESpec(site, architecture, d_sae=d_sae, k=k, name=f"{site}-{architecture}", matryoshka=tuple(matryoshka))
     cfg = TrainConfig(steps=steps, batch_size=512, lr=3e-3, warmup_steps=50, seed=seed, checkpoint_every=10_000,
                       whiten=whiten)
-    sae = train_saes(TensorSource({site: acts[:split]}), [spec], cfg, out_dir=out_dir, progress=False)[spec.label()]
+    kept = {}
+    if restarts > 1:
+        val = int(0.7 * len(acts))
+        sae, chosen = train_restarts(TensorSource({site: acts[:val]}), spec, cfg, acts[val:split], restarts,
+                                     out_dir=out_dir, progress=False)
+        kept = {"restarts": restarts, "restart kept": chosen.names[chosen.chosen],
+                "held-out FVU of the kept restart": float(chosen.fvu[chosen.chosen]),
+                "held-out FVU, worst restart": float(chosen.fvu.max())}
+    else:
+        sae = train_saes(TensorSource({site: acts[:split]}), [spec], cfg, out_dir=out_dir, progress=False)[spec.label()]
     with torch.no_grad():
         h = sae.encode(acts[split:])
     colour_f1 = concept_f1(colours[split:], h, {c: i for i, c in enumerate(COLOURS)}, levels=8)
@@ -259,7 +270,7 @@ def sae_concepts(vlm, site: str | None = None, n: int = 1500, seed: int = 0, arc
               "mean best-feature F1, shapes": float(shape_f1.best_f1.mean()),
               "colours with F1 >= 0.8": int((colour_f1.best_f1 >= 0.8).sum()),
               "shapes with F1 >= 0.8": int((shape_f1.best_f1 >= 0.8).sum()),
-              "concepts no feature captures (F1 < 0.8)": ", ".join(colour_f1.uncaptured + shape_f1.uncaptured)}
+              "concepts no feature captures (F1 < 0.8)": ", ".join(colour_f1.uncaptured + shape_f1.uncaptured), **kept}
     return sae, colour_f1, shape_f1, scores
 
 

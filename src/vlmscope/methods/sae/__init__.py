@@ -21,6 +21,7 @@ from vlmscope.methods.sae.features import ConceptF1, FeatureViews, concept_f1, f
 from vlmscope.methods.sae.io import load_sae, save_sae
 from vlmscope.methods.sae.jumprelu import JumpReLUSAE
 from vlmscope.methods.sae.relu import ReLUSAE
+from vlmscope.methods.sae.restarts import Restarts, held_out_fvu, train_restarts
 from vlmscope.methods.sae.sources import ModelSource, StoreSource, TensorSource, site_rows
 from vlmscope.methods.sae.synthetic import mean_max_cosine, planted_dictionary
 from vlmscope.methods.sae.topk import TopKSAE
@@ -28,8 +29,8 @@ from vlmscope.methods.sae.train import SAESpec, TrainConfig, train_saes
 
 __all__ = [
     "ARCHITECTURES", "SAE", "BatchTopKSAE", "ConceptF1", "FeatureViews", "JumpReLUSAE", "LossContext",
-    "ModelSource", "ReLUSAE", "SAEComparison", "SAEConfig", "SAEEval", "SAESpec", "StepOut", "StoreSource",
+    "ModelSource", "ReLUSAE", "Restarts", "SAEComparison", "SAEConfig", "SAEEval", "SAESpec", "StepOut", "StoreSource",
     "TensorSource", "TopKSAE", "TrainConfig", "build_sae", "compare_at_matched_l0", "concept_f1",
-    "evaluate_sae", "feature_views", "load_sae", "mean_max_cosine", "planted_dictionary", "reconstruction",
-    "save_sae", "site_rows", "splice", "train_saes",
+    "evaluate_sae", "feature_views", "held_out_fvu", "load_sae", "mean_max_cosine", "planted_dictionary",
+    "reconstruction", "save_sae", "site_rows", "splice", "train_restarts", "train_saes",
 ]
