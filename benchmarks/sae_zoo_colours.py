@@ -1,14 +1,16 @@
-"""Colour concept F1 of SAEs on shapes-llava's last vision block (issue #9's zoo check), per setup.
+"""Colour concept F1 of SAEs on shapes-llava's image patches (issue #9's zoo check), per setup.
 
 Each row runs `grounded.sae_concepts` (TopK SAE, 64 latents, image patches of n scenes, 80/20
 split; for each colour the best single feature's F1 for "the object at this patch has that colour",
 background patches as negatives) and prints the F1 per colour. The setups match rows of the
 table in docs/sae.md ("Colour concept F1 on shapes-llava"): today's default, the same with k = 10
 on 20,000 scenes, that with the rows ZCA-whitened first (`TrainConfig.whiten`), that trained
-for 20,000 steps, and a whitened Matryoshka SAE of 128 latents whose first 32 must reconstruct alone.
+for 20,000 steps, and a whitened Matryoshka SAE of 128 latents whose first 32 must reconstruct alone
+(all at the last vision block); and the recipe that captures all six colours: `connector.out`,
+whitened, k 6, the best of 8 restarts by held-out FVU (~2.7 min a seed).
 
-    python benchmarks/sae_zoo_colours.py --seeds 0,1              # 4 setups x 2 seeds, ~20 min on one core
-    python benchmarks/sae_zoo_colours.py --setups whitened --seeds 0 --out colours.json
+    python benchmarks/sae_zoo_colours.py --seeds 0,1              # 6 setups x 2 seeds, ~25 min on one core
+    python benchmarks/sae_zoo_colours.py --setups connector-restarts --seeds 0,1,2,3,4,5 --out colours.json
 """
 
 from __future__ import annotations
