@@ -68,3 +68,42 @@ def test_train_matryoshka(tmp_path):
     assert _main(argv) == 0
     sae = S.load_sae(out / "connector.out-topk-x2-k4-m8.16")
     assert sae.cfg.matryoshka == (8, 16)
+
+
+def test_train_restarts_keeps_the_lowest_held_out_error(tmp_path, capsys):
+    """--restarts 3: three initialisations per SAE, their held-out FVU saved as a Restarts result,
+    and the kept one (the lowest) copied to the plain name, which `sae eval` and `serve --sae` read."""
+    import torch
+
+    from vlmscope.methods.sae.restarts import Restarts, held_out_fvu
+    from vlmscope.methods.sae.sources import site_rows
+
+    out = tmp_path / "run"
+    argv = ["sae", "train", "--model", "tiny-llava", "--site", "connector.out", "--k", "4", "--expansion", "2",
+            "--examples", "32", "--steps", "8", "--batch-size", "32", "--chunk-examples", "16", "--restarts", "3",
+            "--held-out-examples", "16", "--out", str(out), "--quiet"]
+    assert _main(argv) == 0
+    label = "connector.out-topk-x2-k4"
+    restarts = Restarts.load(out / f"{label}-restarts")
+    assert restarts.names == tuple(f"{label}-r{r}" for r in range(3)) and restarts.chosen == int(restarts.fvu.argmin())
+    kept = out / label
+    assert (kept / "sae_weights.safetensors").read_bytes() == \
+        (out / restarts.names[restarts.chosen] / "sae_weights.safetensors").read_bytes()
+    assert f"{label}: kept {restarts.names[restarts.chosen]}" in capsys.readouterr().out
+    # the scores are the FVU on the held-out examples (seed + 1), recomputed here
+    from vlmscope.cli import _load
+
+    m, builder = _load("tiny-llava")
+    dataset, collate, _ = cli._data("tiny-llava", m, builder, 16, seed=1)
+    rows = site_rows(m, collate(dataset), ["connector.out"], "image")["connector.out"]
+    fvu = [held_out_fvu(S.load_sae(out / n), rows) for n in restarts.names]
+    assert torch.allclose(torch.tensor(fvu), restarts.fvu, rtol=1e-4)
+
+
+def test_restarts_from_a_store_need_the_model(tmp_path):
+    import pytest
+
+    argv = ["sae", "train", "--store", str(tmp_path / "nowhere"), "--site", "connector.out", "--restarts", "2",
+            "--out", str(tmp_path / "run"), "--quiet"]
+    with pytest.raises(SystemExit, match="give --model with --store"):
+        _main(argv)

@@ -69,5 +69,5 @@ def test_restarts_refuse_bad_input():
     spec, cfg = S.SAESpec("site", "topk", d_sae=8, k=2), S.TrainConfig(steps=2, batch_size=64)
     with pytest.raises(InputError, match="restarts must be >= 1"):
         train_restarts(S.TensorSource({"site": x}), spec, cfg, x, restarts=0)
-    with pytest.raises(InputError, match="held_out must be"):
+    with pytest.raises(InputError, match="held_out must map 'site'"):
         train_restarts(S.TensorSource({"site": x}), spec, cfg, x[0], restarts=2)

@@ -2,6 +2,7 @@
 
     vlmscope sae train --model shapes-llava --site connector.out --arch topk --k 32 --out DIR
     vlmscope sae train --store STORE --site connector.out --out DIR     # from `vlmscope cache`
+    vlmscope sae train ... --whiten 0.1 --restarts 8   # keep the best of 8 initialisations (held-out FVU)
     torchrun --nproc-per-node 4 -m vlmscope sae train ...              # DDP, same result as 1 process
     vlmscope sae eval DIR
 
@@ -53,6 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     tr.add_argument("--chunk-examples", type=int, default=128, help="examples shuffled together")
     tr.add_argument("--checkpoint-every", type=int, default=200)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--restarts", type=int, default=1, help="train each SAE from this many initialisations in "
+                    "the same pass and keep the one with the lowest FVU on held-out examples of --model "
+                    "(seed + 1; whitened with --whiten); the kept one is saved under the plain name")
+    tr.add_argument("--held-out-examples", type=int, default=64, help="--restarts: examples the FVU is read on")
     tr.add_argument("--out", required=True, help="run folder: checkpoints, one SAELens folder per SAE")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=cmd_train)
@@ -91,6 +96,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vlmscope.scale import distributed
 
     torch.set_num_threads(1)
+    if args.restarts < 1:
+        raise SystemExit(f"--restarts must be >= 1, got {args.restarts}")
+    if args.restarts > 1 and args.store and not args.model:
+        raise SystemExit("--restarts reads held-out rows from the model: give --model with --store")
     nest = tuple(int(w) for w in args.matryoshka.split(",") if w.strip())
     specs = [SAESpec(site, arch, d_sae=args.d_sae, expansion=args.expansion, k=args.k, sparsity=args.sparsity,
                      matryoshka=nest) for site in args.site for arch in (args.arch or ["topk"])]
@@ -104,10 +113,42 @@ def cmd_train(args: argparse.Namespace) -> int:
             run = {"model": args.model or ("" if args.store else "tiny-llava"), "positions": args.positions,
                    "seed": args.seed, "examples": args.examples} | ({"store": args.store} if args.store else {})
             (out / RUN).write_text(json.dumps(run))
-        saes = train_saes(src, specs, cfg, out_dir=out, progress=not args.quiet, device=args.device, dist=d)
+        if args.restarts > 1:
+            saes = _train_restarts(args, src, specs, cfg, out, d)
+        else:
+            saes = train_saes(src, specs, cfg, out_dir=out, progress=not args.quiet, device=args.device, dist=d)
     for name in saes if d.main else ():
         print(f"saved {out / name}")
     return 0
+
+
+def _train_restarts(args: argparse.Namespace, src, specs, cfg, out: Path, d) -> dict:
+    """Every spec --restarts times in one pass; the kept restart (lowest held-out FVU) is copied to
+    out/<name>/ and the scores saved as out/<name>-restarts/ (a Restarts result)."""
+    import shutil
+
+    import torch
+
+    from vlmscope.cli import _load
+    from vlmscope.methods.sae.restarts import train_restarts_many
+    from vlmscope.methods.sae.sources import site_rows
+
+    name = args.model or "tiny-llava"
+    m, builder = _load(name)
+    dataset, collate, _ = _data(name, m, builder, args.held_out_examples, args.seed + 1)
+    held = [site_rows(m, collate(dataset[i:i + 16]), args.site, args.positions) for i in range(0, len(dataset), 16)]
+    held_out = {s: torch.cat([h[s].float() for h in held]) for s in args.site}
+    kept = train_restarts_many(src, specs, cfg, held_out, args.restarts, out_dir=out, progress=not args.quiet,
+                               device=args.device, dist=d)
+    if d.main:
+        for label, (_, restarts) in kept.items():
+            shutil.rmtree(out / label, ignore_errors=True)
+            shutil.copytree(out / restarts.names[restarts.chosen], out / label)
+            restarts.save(out / f"{label}-restarts")
+            fvu = " ".join(f"{f:.4f}" for f in restarts.fvu.tolist())
+            print(f"{label}: kept {restarts.names[restarts.chosen]} (held-out FVU of the restarts: {fvu})")
+    return {label: sae for label, (sae, _) in kept.items()}
+
 
 
 def _source(args: argparse.Namespace, d):

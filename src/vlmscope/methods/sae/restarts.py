@@ -11,6 +11,7 @@ reconstructs better, so the training objective measured on held-out rows, with n
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -58,16 +59,28 @@ def train_restarts(source: Source, spec: SAESpec, config: TrainConfig, held_out:
     """Train `restarts` copies of `spec`, differing only in their initialisation, on the same batches
     (one pass over `source`), and return the one with the lowest held-out FVU (`held_out_fvu` on
     raw rows of spec.site, in the trained geometry) with every restart's score. kwargs go to
-    train_saes (out_dir, progress, device)."""
+    train_saes (out_dir, progress, device, dist)."""
+    return train_restarts_many(source, [spec], config, {spec.site: held_out}, restarts, **kwargs)[spec.label()]
+
+
+def train_restarts_many(source: Source, specs: Sequence[SAESpec], config: TrainConfig,
+                        held_out: Mapping[str, torch.Tensor], restarts: int = 4,
+                        **kwargs) -> dict[str, tuple[SAE, Restarts]]:
+    """`train_restarts` for several specs at once (one pass feeds every restart of every spec):
+    {spec label: (kept SAE, Restarts)}; held_out maps each site to its raw rows."""
     if restarts < 1:
         raise InputError(f"restarts must be >= 1, got {restarts}")
-    if held_out.ndim != 2 or len(held_out) < 2:
-        raise InputError(f"held_out must be (rows >= 2, d_in) raw activations of {spec.site!r}, got shape "
-                         f"{tuple(held_out.shape)}")
-    base = spec.label()
-    specs = [replace(spec, name=f"{base}-r{r}") for r in range(restarts)]
-    saes = train_saes(source, specs, config, **kwargs)
-    names = tuple(s.label() for s in specs)
-    fvu = torch.tensor([held_out_fvu(saes[n], held_out, config.whiten) for n in names])
-    chosen = int(fvu.argmin())
-    return saes[names[chosen]], Restarts(names=names, fvu=fvu, chosen=chosen)
+    for spec in specs:
+        rows = held_out.get(spec.site)
+        if rows is None or rows.ndim != 2 or len(rows) < 2:
+            got = "nothing" if rows is None else f"shape {tuple(rows.shape)}"
+            raise InputError(f"held_out must map {spec.site!r} to (rows >= 2, d_in) raw activations, got {got}")
+    copies = {spec.label(): [replace(spec, name=f"{spec.label()}-r{r}") for r in range(restarts)] for spec in specs}
+    saes = train_saes(source, [c for cs in copies.values() for c in cs], config, **kwargs)
+    out = {}
+    for spec in specs:
+        names = tuple(c.label() for c in copies[spec.label()])
+        fvu = torch.tensor([held_out_fvu(saes[n], held_out[spec.site], config.whiten) for n in names])
+        chosen = int(fvu.argmin())
+        out[spec.label()] = (saes[names[chosen]], Restarts(names=names, fvu=fvu, chosen=chosen))
+    return out
