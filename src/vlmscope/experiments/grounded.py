@@ -224,10 +224,11 @@ def sae_concepts(vlm, site: str | None = None, n: int = 1500, seed: int = 0, arc
     """Train an SAE on `site` at image patches of zoo scenes, then ask: for each colour and shape,
     does one feature fire exactly on the patches of objects with that concept? Background
     patches count as negatives. Returns (sae, colour F1, shape F1, scores). whiten: ZCA-whiten the
-    rows first (TrainConfig.whiten); the best setup measured (docs/sae.md, "Colour concept F1")
-    is whiten=0.1, k=10, n=20000, steps=20000 (benchmarks/sae_zoo_colours.py). matryoshka: nested
-    prefix widths (sae/matryoshka.py). restarts > 1: train that many initialisations on the first 70 %
-    of the rows and keep the one with the lowest FVU on the next 10 % (sae/restarts.py)."""
+    rows first (TrainConfig.whiten). matryoshka: nested prefix widths (sae/matryoshka.py). restarts
+    > 1: train that many initialisations on the first 70 % of the rows (scenes) and keep the one with
+    the lowest FVU on the next 10 % (sae/restarts.py). The setup that captures all six colours
+    (docs/sae.md, "Colour concept F1"; benchmarks/sae_zoo_colours.py): site="connector.out", k=6,
+    n=20000, steps=6000, whiten=0.1, restarts=8."""
     from vlmscope.methods.sae import SAESpec, TensorSource, TrainConfig, concept_f1, train_saes
     from vlmscope.methods.sae.restarts import train_restarts
 
