@@ -107,14 +107,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                       checkpoint_every=args.checkpoint_every, warmup_steps=min(100, max(args.steps // 10, 1)))
     out = Path(args.out)
     with distributed.session() as d:
-        src = _source(args, d)
+        model = _model(args, d) if not args.store or args.restarts > 1 else None
+        src = _source(args, model)
         if d.main:
             out.mkdir(parents=True, exist_ok=True)
             run = {"model": args.model or ("" if args.store else "tiny-llava"), "positions": args.positions,
                    "seed": args.seed, "examples": args.examples} | ({"store": args.store} if args.store else {})
             (out / RUN).write_text(json.dumps(run))
         if args.restarts > 1:
-            saes = _train_restarts(args, src, specs, cfg, out, d)
+            saes = _train_restarts(args, model, src, specs, cfg, out, d)
         else:
             saes = train_saes(src, specs, cfg, out_dir=out, progress=not args.quiet, device=args.device, dist=d)
     for name in saes if d.main else ():
@@ -122,20 +123,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_restarts(args: argparse.Namespace, src, specs, cfg, out: Path, d) -> dict:
-    """Every spec --restarts times in one pass; the kept restart (lowest held-out FVU) is copied to
-    out/<name>/ and the scores saved as out/<name>-restarts/ (a Restarts result)."""
+def _train_restarts(args: argparse.Namespace, model, src, specs, cfg, out: Path, d) -> dict:
+    """Every spec --restarts times in one pass; the kept restart (lowest FVU on held-out examples of
+    `model`) is copied to out/<name>/ and the scores saved as out/<name>-restarts/ (a Restarts result)."""
     import shutil
 
     import torch
 
-    from vlmscope.cli import _load
     from vlmscope.methods.sae.restarts import train_restarts_many
     from vlmscope.methods.sae.sources import site_rows
 
-    name = args.model or "tiny-llava"
-    m, builder = _load(name)
-    dataset, collate, _ = _data(name, m, builder, args.held_out_examples, args.seed + 1)
+    m, builder = model
+    dataset, collate, _ = _data(args.model or "tiny-llava", m, builder, args.held_out_examples, args.seed + 1)
     held = [site_rows(m, collate(dataset[i:i + 16]), args.site, args.positions) for i in range(0, len(dataset), 16)]
     held_out = {s: torch.cat([h[s].float() for h in held]) for s in args.site}
     kept = train_restarts_many(src, specs, cfg, held_out, args.restarts, out_dir=out, progress=not args.quiet,
@@ -150,18 +149,24 @@ def _train_restarts(args: argparse.Namespace, src, specs, cfg, out: Path, d) -> 
     return {label: sae for label, (sae, _) in kept.items()}
 
 
-
-def _source(args: argparse.Namespace, d):
-    """The rows to train on: the store's shards, or the model streamed over the data (on the rank's device)."""
+def _model(args: argparse.Namespace, d):
+    """(model, inputs builder or None) of --model (default tiny-llava), on the rank's device."""
     from vlmscope.cli import _load
+
+    m, builder = _load(args.model or "tiny-llava")
+    if d.device != "cpu":
+        m.model.to(d.device)
+    return m, builder
+
+
+def _source(args: argparse.Namespace, model):
+    """The rows to train on: the store's shards, or `model` ((model, builder) from `_model`) streamed over the data."""
     from vlmscope.methods.sae.sources import ModelSource, StoreSource
 
     if args.store:
         return StoreSource(args.store, args.site, buffer_shards=args.buffer_shards, name=args.model or "")
     name = args.model or "tiny-llava"
-    m, builder = _load(name)
-    if d.device != "cpu":
-        m.model.to(d.device)
+    m, builder = model
     dataset, collate, _ = _data(name, m, builder, args.examples, args.seed)
     return ModelSource(m, dataset, args.site, positions=args.positions, collate=collate,
                        batch_size=args.model_batch_size, chunk_examples=args.chunk_examples, name=name)
