@@ -7,9 +7,9 @@ table in docs/sae.md ("Colour concept F1 on shapes-llava"): today's default, the
 on 20,000 scenes, that with the rows ZCA-whitened first (`TrainConfig.whiten`), that trained
 for 20,000 steps, and a whitened Matryoshka SAE of 128 latents whose first 32 must reconstruct alone
 (all at the last vision block); and the recipe that captures all six colours: `connector.out`,
-whitened, k 6, the best of 8 restarts by held-out FVU (~2.7 min a seed).
+whitened, k 6, 64 or 48 latents, the best of 8 restarts by held-out FVU (~2.5 min a seed).
 
-    python benchmarks/sae_zoo_colours.py --seeds 0,1              # 6 setups x 2 seeds, ~25 min on one core
+    python benchmarks/sae_zoo_colours.py --seeds 0,1              # 7 setups x 2 seeds, ~30 min on one core
     python benchmarks/sae_zoo_colours.py --setups connector-restarts --seeds 0,1,2,3,4,5 --out colours.json
 """
 
@@ -28,6 +28,8 @@ SETUPS = {
     "whitened-long": {"k": 10, "n": 20000, "steps": 20000, "whiten": 0.1},
     "matryoshka": {"k": 10, "n": 20000, "steps": 6000, "whiten": 0.1, "d_sae": 128, "matryoshka": (32,)},
     "connector-restarts": {"site": "connector.out", "k": 6, "n": 20000, "steps": 6000, "whiten": 0.1, "restarts": 8},
+    "connector-restarts-48": {"site": "connector.out", "k": 6, "d_sae": 48, "n": 20000, "steps": 6000, "whiten": 0.1,
+                              "restarts": 8},
 }
 
 
