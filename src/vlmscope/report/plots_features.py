@@ -109,6 +109,18 @@ def concept_f1(r, ax=None):
     return fig
 
 
+@plotter("sae_restarts")
+def sae_restarts(r, ax=None):
+    """Held-out FVU per restart; the kept one (the lowest) highlighted."""
+    fig, ax = _axes(ax, (max(4, 0.5 * len(r.names)), 3))
+    x = np.arange(len(r.names))
+    ax.bar(x, r.fvu.numpy(), color=["tab:green" if i == r.chosen else "tab:grey" for i in x])
+    ax.set_xticks(x, [n.rsplit("-", 1)[-1] for n in r.names], fontsize=8)
+    ax.set_ylabel("held-out FVU")
+    fig.tight_layout()
+    return fig
+
+
 # --- automated explanation (vlmscope.methods.explain) -----------------------------------------------
 
 

@@ -60,6 +60,7 @@ def test_train_restarts_keeps_the_restart_with_the_lowest_held_out_error(tmp_pat
     assert torch.equal(kept.W_dec, sae.W_dec)
     df = restarts.to_dataframe()
     assert df["chosen"].sum() == 1 and df.loc[df["chosen"], "fvu"].item() == pytest.approx(float(restarts.fvu.min()))
+    restarts.plot().savefig(tmp_path / "restarts.png")
     again = Restarts.load(restarts.save(tmp_path / "restarts"))
     assert again.names == restarts.names and torch.equal(again.fvu, restarts.fvu) and again.chosen == restarts.chosen
 
