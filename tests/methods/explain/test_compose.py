@@ -214,3 +214,32 @@ def test_dissect_at_a_share_of_the_peak_and_verify_at_a_given_threshold(world):
     assert at.verdict == "holds" and at.threshold == 1.5
     with pytest.raises(InputError, match="thresholds"):
         verify_many(two, ["colour=red"], n_bases=4, thresholds=[1.0, 2.0])
+
+
+def test_dissection_picks_each_features_share_of_the_peak_and_verification_judges_at_it(world, tmp_path):
+    """A graded feature, 4 on red objects, 1 on green ones and 0.6 on the background of patch 0: above
+    0.1 of its peak it fires on all three (no short formula fits exactly), above 0.25 on red alone (IoU
+    1). Given several shares, dissection labels it at 0.25, precision is scored at that threshold, and
+    verification at the same share says it holds, where a tenth of the peak would call it too broad."""
+    scenes, masks = world
+    red, green, bg0 = (masks[c].float() for c in ("colour=red", "colour=green", "background"))
+    bg0 = bg0 * masks["patch=0"].float()
+    graded = 4 * red + green + 0.6 * bg0
+    both = torch.stack([graded, 4 * red + green])  # the second: red or green at 0.1 and red at 0.25, equally
+    dis = dissect_formulas(both, masks, ratio=(0.25, 0.1), features=["graded", "tied"])
+    assert dis.labels == ("colour=red", "colour=red OR colour=green") and dis.ratio.tolist() == [0.25, 0.1]
+    assert float(dis.iou[0]) == 1.0 and torch.allclose(dis.threshold, torch.tensor([1.0, 0.4]))
+    assert float(dissect_formulas(graded[None], masks, ratio=0.1).iou[0]) < 1.0
+    back = Result.load(dis.save(tmp_path / "fd"))
+    assert back.labels == dis.labels and torch.equal(back.ratio, dis.ratio)
+    assert dissect_formulas(both, masks).ratio.isnan().all()  # a quantile: no share of the peak
+    with pytest.raises(InputError, match="ratio"):
+        dissect_formulas(both, masks, ratio=())
+    sim = score_explanations(both[:1], ["colour=red"], masks, thresholds=dis.threshold[:1])
+    assert float(sim.precision[0]) == 1.0 and float(sim.recall[0]) == 1.0
+    assert float(score_explanations(both[:1], ["colour=red"], masks, quantile=0.5).precision[0]) < 1.0
+    feature = lambda im: 4 * _colour(im, ["red"]) + _colour(im, ["green"])  # noqa: E731
+    at = verify_many(feature, ["colour=red", "colour=red"], n_bases=12, ratios=[0.25, 0.1])
+    assert [v.verdict for v in at] == ["holds", "too broad"]
+    with pytest.raises(InputError, match="ratios"):
+        verify_many(feature, ["colour=red"], n_bases=4, ratios=[0.25, 0.1])

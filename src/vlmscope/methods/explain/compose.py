@@ -179,6 +179,7 @@ class FormulaDissection(Result):
     concepts: tuple[str, ...]  # the best single concept per feature
     concept_iou: torch.Tensor  # (feature,)
     threshold: torch.Tensor  # (feature,) the activation above which the feature counts as firing
+    ratio: torch.Tensor  # (feature,) that threshold as a share of the feature's peak; NaN where set by `quantile`
     quantile: float
     min_iou: float
     length: int
@@ -199,16 +200,33 @@ class FormulaDissection(Result):
 
         return pd.DataFrame({"feature": list(self.features), "formula": list(self.formulas), "iou": self.iou.tolist(),
                              "concept": list(self.concepts), "concept_iou": self.concept_iou.tolist(),
-                             "threshold": self.threshold.tolist()})
+                             "threshold": self.threshold.tolist(), "ratio": self.ratio.tolist()})
 
 
 def dissect_formulas(maps: torch.Tensor, masks: Mapping[str, torch.Tensor], quantile: float = 0.8,
                      features: Sequence[str] | None = None, min_iou: float = 0.5, length: int = 3, beam: int = 5,
-                     min_gain: float = 0.05, ratio: float | None = None) -> FormulaDissection:
+                     min_gain: float = 0.05, ratio: float | Sequence[float] | None = None) -> FormulaDissection:
     """maps (feature, scene, rows, cols); masks: concept -> (scene, rows, cols) bool. Each feature is
-    thresholded as in `dissect` (its top `quantile`, or `ratio` x its peak), then labelled by `beam_search`."""
+    thresholded as in `dissect` (its top `quantile`, or `ratio` x its peak), then labelled by `beam_search`.
+    Several ratios: each feature is labelled at the share of its peak where its best formula's IoU is
+    highest (the lowest share on ties), so that a graded feature is read where it is most concept-like
+    and the verification loop can judge it at that same share (`ratio` per feature in the result)."""
     if length < 1 or beam < 1:
         raise InputError(f"length and beam must be >= 1, got length={length}, beam={beam}")
+    if ratio is not None and not isinstance(ratio, (int, float)):
+        levels = sorted(float(r) for r in ratio)
+        if not levels:
+            raise InputError("ratio: give one share of the peak or several, got none")
+        each = [dissect_formulas(maps, masks, quantile, features, min_iou, length, beam, min_gain, r) for r in levels]
+        pick = torch.stack([d.iou for d in each]).argmax(0).tolist()  # the first (lowest share) of equal IoUs
+        rows = list(zip(pick, range(len(pick))))
+        return FormulaDissection(each[0].features, tuple(each[j].formulas[i] for j, i in rows),
+                                 torch.stack([each[j].iou[i] for j, i in rows]),
+                                 tuple(each[j].concepts[i] for j, i in rows),
+                                 torch.stack([each[j].concept_iou[i] for j, i in rows]),
+                                 torch.stack([each[j].threshold[i] for j, i in rows]),
+                                 torch.tensor([levels[j] for j in pick], dtype=torch.float64), float(quantile),
+                                 float(min_iou), int(length), float(min_gain))
     single = dissect(maps, masks, quantile, features, min_iou, ratio)
     maps = maps[None] if maps.dim() == 3 else maps
     on = maps.flatten(1).float() > single.threshold[:, None]  # (feature, cells)
@@ -217,4 +235,6 @@ def dissect_formulas(maps: torch.Tensor, masks: Mapping[str, torch.Tensor], quan
     best = single.iou.max(1)
     return FormulaDissection(single.features, tuple(f for f, _ in found), torch.tensor([v for _, v in found]),
                              tuple(single.concepts[i] for i in best.indices.tolist()), best.values,
-                             single.threshold, float(quantile), float(min_iou), int(length), float(min_gain))
+                             single.threshold,
+                             torch.full((len(found),), float("nan") if ratio is None else ratio, dtype=torch.float64),
+                             float(quantile), float(min_iou), int(length), float(min_gain))

@@ -55,20 +55,24 @@ class ExplanationScores(Result):
 
 
 def score_explanations(maps: torch.Tensor, explanations: Sequence[str], masks: Mapping[str, torch.Tensor],
-                       quantile: float = 0.8, features: Sequence[str] | None = None) -> ExplanationScores:
+                       quantile: float = 0.8, features: Sequence[str] | None = None,
+                       thresholds: torch.Tensor | None = None) -> ExplanationScores:
     """maps (feature, scene, rows, cols); explanations: one concept or formula of concepts (compose.py)
     per feature; masks: concept -> (scene, rows, cols) bool (e.g. `concepts.concept_masks`), whose
-    union and intersection simulate a formula."""
+    union and intersection simulate a formula. A feature fires above its top `quantile`, or above its
+    entry of `thresholds` (feature,) where given (e.g. the dissection's)."""
     maps = maps[None] if maps.dim() == 3 else maps
     if len(explanations) != len(maps):
         raise InputError(f"{len(explanations)} explanations for {len(maps)} features")
+    if thresholds is not None and len(thresholds) != len(maps):
+        raise InputError(f"{len(thresholds)} thresholds for {len(maps)} features")
     simulated = [mask_of(e, masks) for e in explanations]
     corr, prec, rec = [], [], []
-    for f, m in zip(maps, simulated):
+    for i, (f, m) in enumerate(zip(maps, simulated)):
         m = m.to(f.device)
         corr.append(correlation(f, m.float()))
         flat = f.flatten().float()
-        thr = flat.kthvalue(max(1, int(quantile * flat.numel()))).values
+        thr = flat.kthvalue(max(1, int(quantile * flat.numel()))).values if thresholds is None else thresholds[i]
         on = flat > thr
         hit = float((on & m.flatten()).sum())
         prec.append(hit / float(on.sum()) if on.any() else float("nan"))

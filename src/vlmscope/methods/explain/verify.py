@@ -182,15 +182,17 @@ def verify(feature: FeatureFn, explanation: str, n_bases: int = 24, seed: int = 
 
 def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int = 24, seed: int = 0,
                 names: Sequence[str] | None = None, thresholds: Sequence[float] | None = None,
-                **judge_kwargs) -> list[Verification]:
+                ratios: Sequence[float] | None = None, **judge_kwargs) -> list[Verification]:
     """Verify many features at once: `features(images)` returns (n, rows, cols, feature), or (n, rows,
     cols) when one explanation is given; scenes are generated and run once per attribute. "object" is
     tested on every object attribute and on empty scenes, "patch=k" and "background" patch by patch,
     a formula of concepts (compose.py) patch by patch on the scenes of every attribute it names.
     thresholds: per feature, the activation above which it fires (e.g. the one dissection labelled it
-    at), instead of a share of its peak on the controlled scenes."""
-    if thresholds is not None and len(thresholds) != len(explanations):
-        raise InputError(f"{len(thresholds)} thresholds for {len(explanations)} explanations")
+    at), instead of a share of its peak on the controlled scenes. ratios: per feature, the share of
+    that peak it fires above (e.g. the share dissection labelled it at), instead of one `ratio`."""
+    for what, given in (("thresholds", thresholds), ("ratios", ratios)):
+        if given is not None and len(given) != len(explanations):
+            raise InputError(f"{len(given)} {what} for {len(explanations)} explanations")
     bases = base_scenes(n_bases, seed)
     names = list(names) if names is not None else [str(i) for i in range(len(explanations))]
     compound = [is_compound(e) or parse(e)[0] in ("row", "column") for e in explanations]  # read as formulas
@@ -218,6 +220,8 @@ def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int =
         attr = None if c else parse(e)[0]
         if thresholds is not None:
             judge_kwargs["threshold"] = float(thresholds[i])
+        if ratios is not None:
+            judge_kwargs["ratio"] = float(ratios[i])
         if c:
             key = formula_axes(e)
             out.append(judge_formula(_column(i, grids[key]), sets[key], e, n, **judge_kwargs))

@@ -67,6 +67,7 @@ class ExplainedFeatures(Result):
     verdicts: tuple[str, ...]
     details: tuple[str, ...]
     examined: int
+    ratio: torch.Tensor  # (feature,) the share of its peak it was labelled and verified at; NaN: top quantile
 
     @property
     def agreement(self) -> float:
@@ -87,17 +88,19 @@ class ExplainedFeatures(Result):
 
         return pd.DataFrame({"feature": self.features.tolist(), "label": list(self.labels),
                              "iou": self.iou.tolist(), "correlation": self.correlation.tolist(),
-                             "precision": self.precision.tolist(), "verdict": list(self.verdicts),
-                             "detail": list(self.details)})
+                             "precision": self.precision.tolist(), "fires above (share of peak)": self.ratio.tolist(),
+                             "verdict": list(self.verdicts), "detail": list(self.details)})
 
 
 CONCEPTS = ("colour", "shape", "size", "cell", "patch", "row", "column", "object", "background", "tone")
+# shares of its peak a feature is dissected at (explain_sae_features): labelled at the best-fitting one
+LEVELS = (0.1, 0.25, 0.4, 0.55)
 
 
 def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300, seed: int = 0,
                          quantile: float = 0.8, n_bases: int = 24, attributes: Sequence[str] = CONCEPTS,
                          min_iou: float = 0.5, length: int = 3,
-                         ratio: float | None = None) -> tuple[ExplainedFeatures, dict[str, float]]:
+                         ratio: float | Sequence[float] | None = LEVELS) -> tuple[ExplainedFeatures, dict[str, float]]:
     """Label the most frequent SAE latents at `site` by dissection on n zoo scenes with formulas of
     up to `length` concepts (compose.py; 1: single concepts, Bau et al.), those with an IoU >= min_iou
     get a label; score the labels by simulation, and test each label with the verification loop on
@@ -105,8 +108,11 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     Patch-level concepts only by default: a whole-image "domain=..." mask wins IoU for any
     unselective feature. min_iou 0.5 rather than Bau et al.'s 0.04: on a 3 x 3 map a random map of
     the same firing rate reaches IoU 0.1-0.2 with the larger masks (see `chance_iou`); 0.5 means
-    feature and explanation overlap more than they differ. ratio: dissect at ratio x each feature's
-    peak instead of its top quantile (`dissect`)."""
+    feature and explanation overlap more than they differ. ratio: the shares of each feature's peak
+    it is dissected at; it is labelled at the one where its label fits best (`dissect_formulas`) and
+    verified at that same share, so that both judge the same firing (a graded SAE latent, strong on
+    one value and weak on its neighbours, is read where it is most concept-like). One share: that
+    one; None: its top `quantile` (Bau et al.), verified at the loop's own 0.25 of the peak."""
     from vlmscope.data import render
 
     scenes = [e.scene for e in truth.examples(seed, n)]
@@ -123,14 +129,17 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     lab_feats = feats[labelled]
     labels = tuple(dis.labels[i] for i in labelled)
     lab_names = [names[i] for i in labelled]
-    sim = score_explanations(fmaps[labelled], labels, masks, quantile, lab_names)
+    sim = score_explanations(fmaps[labelled], labels, masks, quantile, lab_names, thresholds=dis.threshold[labelled])
+    lab_ratio = dis.ratio[labelled]
+    per_feature = None if bool(lab_ratio.isnan().all()) else lab_ratio.tolist()
 
     def latents(images):
         return patch_maps(vlm, images, site, sae.encode)[..., lab_feats]
 
-    checks = verify_many(latents, labels, n_bases=n_bases, seed=seed + 1, names=lab_names) if labels else []
+    checks = verify_many(latents, labels, n_bases=n_bases, seed=seed + 1, names=lab_names,
+                         ratios=per_feature) if labels else []
     res = ExplainedFeatures(site, lab_feats, labels, dis.iou[labelled], sim.correlation, sim.precision,
-                            tuple(c.verdict for c in checks), tuple(c.detail for c in checks), len(feats))
+                            tuple(c.verdict for c in checks), tuple(c.detail for c in checks), len(feats), lab_ratio)
     chance = chance_iou(fmaps, masks, dis.threshold)
     own = torch.stack([chance_iou(fmaps[i:i + 1], {lab: mask_of(lab, masks)}, dis.threshold[i:i + 1])[0, 0]
                        for i, lab in zip(labelled, labels)]) if labels else torch.tensor([float("nan")])
@@ -156,18 +165,21 @@ def refine_explained(vlm, sae, explained: ExplainedFeatures, rounds: int = 3, n_
                      max_concepts: int = 6, ratios: Sequence[float] | None = None) -> tuple[list, dict[str, float]]:
     """Run the refinement loop (refine.py) on every labelled feature of `explained` whose label does not
     hold, from the same verification seed as `explain_sae_features` (seed + 1), so round 0 repeats its
-    verdict. ratios: the shares of its peak each feature may be read to fire above (default
-    refine.RATIOS). Returns (one Refinement per such feature, scores)."""
+    verdict (at the share of its peak the label was verified at, if any). ratios: the shares of its
+    peak each feature may be read to fire above (default refine.RATIOS). Returns (one Refinement per
+    such feature, scores)."""
     from vlmscope.methods.explain.refine import RATIOS, refine
 
     ratios = tuple(ratios) if ratios is not None else RATIOS
 
     out = []
-    for f, label, verdict in zip(explained.features.tolist(), explained.labels, explained.verdicts):
+    for f, label, verdict, at in zip(explained.features.tolist(), explained.labels, explained.verdicts,
+                                     explained.ratio.tolist()):
         if verdict == "holds":
             continue
+        mine = ratios if math.isnan(at) else (at, *(r for r in ratios if r != at))  # round 0 at the label's share
         out.append(refine(lambda images, f=f: patch_maps(vlm, images, explained.site, sae.encode)[..., f], label,
-                          rounds, n_bases, seed + 1, f"latent {f}", ratios=ratios, max_concepts=max_concepts))
+                          rounds, n_bases, seed + 1, f"latent {f}", ratios=mine, max_concepts=max_concepts))
     held = sum(v == "holds" for v in explained.verdicts)
     fixed = sum(r.holds for r in out)
     scores = {"refinement rounds": rounds, "labels refined": len(out), "refined labels that hold": fixed,
