@@ -218,3 +218,7 @@ def test_features_cli_labels_verifies_and_refines(tmp_path, capsys):
     refined = [Result.load(p) for p in sorted((tmp_path / "out").glob("refinement-*"))]
     assert len(refined) == failed and all(isinstance(r, Refinement) for r in refined)
     assert scores["labels that hold after refinement"] == len(res.labels) - failed + sum(r.holds for r in refined)
+    assert set(res.ratio.tolist()) <= {0.1, 0.25, 0.4, 0.55}  # each label's share of its peak (--levels default)
+    bad = parser.parse_args(["explain", "features", "--sae", str(folder), "--levels", "a,b"])
+    with pytest.raises(SystemExit, match="--levels takes comma-separated numbers"):
+        bad.func(bad)
