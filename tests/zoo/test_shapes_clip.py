@@ -246,9 +246,11 @@ def test_vlmscope_load_wraps_it_and_hooked_equals_plain():
     assert "text.proj" in cache and "vision.blocks.0.resid_post" in cache
 
 
-def test_zoo_train_picks_the_position_recipe(monkeypatch, tmp_path):
-    """`vlmscope zoo train shapes-clip` trains train_clip.POSITION_RECIPE (the shipped model's);
-    `--recipe v1` the first model's; the generative models have one recipe and refuse the flag."""
+def test_zoo_train_picks_the_deep_recipe(monkeypatch, tmp_path):
+    """`vlmscope zoo train shapes-clip` trains train_clip.DEEP_RECIPE (the shipped model's, v3: v2's
+    data and optimiser, a 4-block tower with MLPs of 128, a 12,000-step cosine re-planned to 18,000);
+    `--recipe position` v2's, `--recipe v1` the first model's; the generative models have one recipe
+    and refuse the flag."""
     from dataclasses import replace
 
     from vlmscope.errors import InputError
@@ -261,8 +263,22 @@ def test_zoo_train_picks_the_position_recipe(monkeypatch, tmp_path):
     parser = argparse.ArgumentParser()
     train_mod.add_arguments(parser)
     train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path), "--seed", "3"]))
+    train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path), "--recipe", "position"]))
     train_mod.run(parser.parse_args(["shapes-clip", "--out", str(tmp_path), "--recipe", "v1"]))
-    assert seen[0] == replace(train_clip.POSITION_RECIPE, seed=3) and seen[0].replan[-1] == (11_000, 20_000)
-    assert seen[1] == train_clip.ClipConfig()
+    assert seen[0] == replace(train_clip.DEEP_RECIPE, seed=3) and seen[0].replan == ((12_000, 18_000),)
+    assert (seen[0].layers, seen[0].mlp, seen[0].heads) == (4, 128, 4)
+    assert replace(seen[0], layers=3, mlp=256, steps=4500, replan=None, snapshots=()) == replace(
+        train_clip.POSITION_RECIPE, seed=3, replan=None, snapshots=())  # v2's data, optimiser and init
+    assert seen[1] == train_clip.POSITION_RECIPE and (seen[1].layers, seen[1].mlp) == (3, 256)
+    assert seen[2] == train_clip.ClipConfig()
     with pytest.raises(InputError, match="shapes-clip recipe"):
         train_mod.run(parser.parse_args(["shapes-llava", "--out", str(tmp_path), "--recipe", "position"]))
+
+
+def test_the_tower_is_built_as_configured():
+    """v3's tower: 4 blocks with MLPs of 128 (360,513 parameters in all); v2's: 3 blocks of 256."""
+    v2, v3 = sc.build_model(0, 0.5), sc.build_model(0, 0.5, layers=4, mlp=128)
+    assert (v3.config.vision_config.num_hidden_layers, v3.config.vision_config.intermediate_size) == (4, 128)
+    assert v2.config.vision_config.num_hidden_layers == 3 and v2.config.vision_config.intermediate_size == 256
+    assert sum(p.numel() for p in v2.parameters()) == 376_577 and sum(p.numel() for p in v3.parameters()) == 360_513
+    assert sc.build_model(0, 0.5, heads=8).config.vision_config.num_attention_heads == 8

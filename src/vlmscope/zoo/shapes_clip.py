@@ -63,21 +63,23 @@ def clip_vocabulary() -> dict[str, int]:
     return {**vocab, EOT: len(vocab)}
 
 
-def build_config() -> CLIPConfig:
+def build_config(heads: int = 4, layers: int = 3, mlp: int = 256) -> CLIPConfig:
+    """shapes-clip's architecture; the vision tower's `heads`, `layers` and MLP width `mlp` (v1 and v2: 4,
+    3, 256; v3: 4, 4, 128)."""
     vocab = clip_vocabulary()
     text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=MAX_TEXT, projection_dim=64,
                           bos_token_id=vocab["<s>"], eos_token_id=vocab[EOT], pad_token_id=vocab["<pad>"])
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=CELL, projection_dim=64)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=mlp, num_hidden_layers=layers,
+                              num_attention_heads=heads, image_size=IMAGE_SIZE, patch_size=CELL, projection_dim=64)
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=64)
 
 
-def build_model(seed: int, pos_std: float | None = None) -> CLIPModel:
+def build_model(seed: int, pos_std: float | None = None, heads: int = 4, layers: int = 3, mlp: int = 256) -> CLIPModel:
     """A freshly initialised shapes-clip (deterministic for the seed); `pos_std` re-draws the vision
     tower's position embeddings with that standard deviation (transformers' default is 0.02)."""
     torch.manual_seed(seed)
-    model = CLIPModel(build_config()).eval()
+    model = CLIPModel(build_config(heads, layers, mlp)).eval()
     if pos_std is not None:
         torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight, std=pos_std)
     return model

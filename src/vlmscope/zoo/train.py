@@ -186,9 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instruction-tuning steps, or shapes-clip's steps (default: the recipe's)")
     parser.add_argument("--halt-at", type=int, default=None,
                         help="stop before this global step, as a kill would (resume later, e.g. with other --steps)")
-    parser.add_argument("--recipe", choices=["position", "v1"], default=None,
-                        help="shapes-clip only: train_clip.POSITION_RECIPE (the shipped model's, the default) or "
-                             "the first model's ClipConfig() (7,000 steps; never learned position or background)")
+    parser.add_argument("--recipe", choices=["deep", "position", "v1"], default=None,
+                        help="shapes-clip only: train_clip.DEEP_RECIPE (the shipped model's, the default: v3, 4 "
+                             "vision blocks), POSITION_RECIPE (v2: 3 blocks, 20,000 steps) or the first model's "
+                             "ClipConfig() (7,000 steps; never learned position or background)")
 
 
 def run(args: argparse.Namespace) -> Progress:
@@ -212,7 +213,8 @@ def run(args: argparse.Namespace) -> Progress:
 def _run_clip(args: argparse.Namespace):
     from vlmscope.zoo import train_clip
 
-    base = train_clip.ClipConfig() if getattr(args, "recipe", None) == "v1" else train_clip.POSITION_RECIPE
+    base = {"v1": train_clip.ClipConfig(), "position": train_clip.POSITION_RECIPE}.get(
+        getattr(args, "recipe", None), train_clip.DEEP_RECIPE)
     cfg = replace(base, seed=args.seed)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps, replan=None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,9 @@ class ClipConfig:
     # init std of the vision position embeddings (None: transformers' 0.02, 1/18 of a patch token's
     # per-dimension scale: the CLS cannot tell where the object is, a probe reads 0.13, chance 0.11)
     pos_std: float | None = None
+    heads: int = 4  # the vision tower's attention heads, its blocks and MLP width (shapes_clip.build_config)
+    layers: int = 3
+    mlp: int = 256
     eval_every: int = 500
     eval_n: int = 300
     val_seed: int = 1_000_003
@@ -80,6 +83,15 @@ class ClipConfig:
 POSITION_RECIPE = ClipConfig(lr=1e-3, snapshots=(0, 500, 1000, 2500, 3500, 7000, 11_000, 17_000),
                              replan=((4500, 7000), (7000, 11_000), (11_000, 20_000)), keep_p=(0.5,) * 5,
                              swaps=(1, 1, 1, 3, 3, 1), pos_std=0.5)
+
+# The shipped model's recipe since the seventh session (v3): POSITION_RECIPE's data and optimiser with a
+# deeper, narrower vision tower (4 blocks with MLPs of 128 instead of 3 of 256), a 12,000-step cosine and,
+# from there, one more to 18,000 (background was at 0.5 zero-shot at 12,000). In v2's tower the last MLP
+# writes half of shape's evidence and no head specialises in shape by the end of training; in this one
+# TEXTSPAN names and ablation confirms heads for colour, shape and position (docs/explain.md, TEXTSPAN;
+# docs/zoo.md, shapes-clip).
+DEEP_RECIPE = replace(POSITION_RECIPE, layers=4, mlp=128, steps=12_000, replan=((12_000, 18_000),),
+                      snapshots=(0, 500, 1000, 2500, 3500, 5000, 7000, 9500, 12_000, 15_000))
 
 
 def _stage(cfg: ClipConfig):
@@ -101,7 +113,7 @@ def train(out: str | Path, cfg: ClipConfig = ClipConfig(), halt_at: int | None =
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stage = _stage(cfg)
-    model = build_model(cfg.seed, cfg.pos_std)
+    model = build_model(cfg.seed, cfg.pos_std, cfg.heads, cfg.layers, cfg.mlp)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     prog = Progress()

@@ -96,12 +96,26 @@ class AttributeHeads(Result):
                 out[name] = (float(drop[g, self.attributes.index(name)]), sum(others) / max(len(others), 1))
         return out
 
-    def confirmed(self, ratio: float = 1.5, min_drop: float = 0.05) -> tuple[str, ...]:
-        """Attributes whose heads, ablated directly or in total, remove at least `min_drop` of their own
-        attribute's evidence and at least `ratio` times as much as of the others' (on average); the
-        floor keeps a head that barely matters from passing on a ratio of two near-zero drops."""
+    def learned(self, margin: float = 0.5) -> tuple[str, ...]:
+        """Attributes the model classifies zero-shot at least `margin` of the way from chance to 1."""
         out = []
+        for j, a in enumerate(self.attributes):
+            chance = 1 / len(VALUES[a])
+            if float(self.accuracy[0, 0, j]) >= chance + margin * (1 - chance):
+                out.append(a)
+        return tuple(out)
+
+    def confirmed(self, ratio: float = 1.5, min_drop: float = 0.05) -> tuple[str, ...]:
+        """Learned attributes whose heads, ablated directly or in total, remove at least `min_drop` of
+        their own attribute's evidence and at least `ratio` times as much as of the others' (on
+        average); the floor keeps a head that barely matters from passing on a ratio of two near-zero
+        drops, and an attribute the model does not classify (at initialisation, say) has no evidence
+        whose shares mean anything."""
+        out = []
+        learned = self.learned()
         for a in self.named:
+            if a not in learned:
+                continue
             pairs = [self.own_other(m).get(a) for m in self.modes]  # (own, other) per mode; None: no heads
             if any(p and p[0] >= min_drop and p[0] >= ratio * p[1] for p in pairs):
                 out.append(a)
