@@ -38,8 +38,8 @@ STATE = "state.safetensors"
 @dataclass(frozen=True)
 class ClipConfig:
     """A shapes-clip recipe. The defaults are the first shipped model's (v1), which never learned
-    position or background; POSITION_RECIPE, the shipped model's now, learns every attribute
-    (docs/zoo.md, shapes-clip)."""
+    position or background; POSITION_RECIPE (v2) learns every attribute; DEEP_RECIPE, the shipped
+    model's now (v3), does so with a tower whose heads write shape (docs/zoo.md, shapes-clip)."""
 
     seed: int = 0
     steps: int = 4500
@@ -75,9 +75,9 @@ class ClipConfig:
     grad_clip: float = 1.0
 
 
-# The shipped model's recipe: learns position and background (1.00 zero-shot held-out) and, given
-# 20,000 steps, shape too (0.986; 0.870 at step 11,000) (docs/zoo.md, shapes-clip). Position embeddings at a patch's
-# scale make the object's cell visible to the CLS; lr 1e-3 because at 2e-3 position stays at chance
+# v2's recipe (shipped from the third to the sixth session): learns position and background (1.00 zero-shot
+# held-out) and, given 20,000 steps, shape too (0.986; 0.870 at step 11,000) (docs/zoo.md, shapes-clip).
+# Position embeddings at a patch's scale make the object's cell visible to the CLS; lr 1e-3 because at 2e-3 position stays at chance
 # even so (0.11 at step 500, against 0.91). Snapshots: at most 8 besides the final fp32 weights (the
 # zoo's size budget).
 POSITION_RECIPE = ClipConfig(lr=1e-3, snapshots=(0, 500, 1000, 2500, 3500, 7000, 11_000, 17_000),
