@@ -78,8 +78,8 @@ class ClipConfig:
 # v2's recipe (shipped from the third to the sixth session): learns position and background (1.00 zero-shot
 # held-out) and, given 20,000 steps, shape too (0.986; 0.870 at step 11,000) (docs/zoo.md, shapes-clip).
 # Position embeddings at a patch's scale make the object's cell visible to the CLS; lr 1e-3 because at
-# 2e-3 position stays at chance even so (0.11 at step 500, against 0.91). Snapshots: at most 8 besides the final fp32 weights (the
-# zoo's size budget).
+# 2e-3 position stays at chance even so (0.11 at step 500, against 0.91). Snapshots: at most 8 besides
+# the final fp32 weights (the zoo's size budget).
 POSITION_RECIPE = ClipConfig(lr=1e-3, snapshots=(0, 500, 1000, 2500, 3500, 7000, 11_000, 17_000),
                              replan=((4500, 7000), (7000, 11_000), (11_000, 20_000)), keep_p=(0.5,) * 5,
                              swaps=(1, 1, 1, 3, 3, 1), pos_std=0.5)
