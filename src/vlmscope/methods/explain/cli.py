@@ -33,9 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     f.add_argument("--examples", type=int, default=300)
     f.add_argument("--length", type=int, default=3,
                    help="longest label formula in concepts (Mu & Andreas); 1: single concepts (Bau et al.)")
-    f.add_argument("--levels", default="0.1,0.25,0.4,0.55",  # explain.zoo.LEVELS
-                   help="shares of its peak each feature is dissected at; it is labelled at the one its label fits "
-                   "best and verified there. 'quantile': its top 20%% of patches instead (Bau et al.)")
+    f.add_argument("--levels", default=None,
+                   help="shares of its peak each feature is dissected at (default explain.zoo.LEVELS: 0.1,0.25,0.4,"
+                   "0.55); it is labelled at the one its label fits best and verified there. 'quantile': its top "
+                   "20%% of patches instead (Bau et al.)")
     f.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                    help="refine every label that does not hold, up to ROUNDS times (refine.py; default 0: off)")
     f.add_argument("--seed", type=int, default=0)
@@ -107,9 +108,10 @@ def cmd_features(args: argparse.Namespace) -> int:
 
     m, sae = _model(args.model), load_sae(args.sae)
     site = args.site or sae.cfg.site
-    levels = None if args.levels == "quantile" else _floats(args.levels, "--levels")
+    levels = {} if args.levels is None else {"ratio": None if args.levels == "quantile" else
+                                              _floats(args.levels, "--levels")}
     res, scores = explain_sae_features(m, sae, site, n_features=args.n_features, n=args.examples, seed=args.seed,
-                                       length=args.length, ratio=levels)
+                                       length=args.length, **levels)
     print(res.to_dataframe().to_string(index=False))
     if args.refine:
         from vlmscope.methods.explain.zoo import refine_explained
