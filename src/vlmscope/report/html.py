@@ -139,6 +139,24 @@ def scorecard(root: Path) -> list[dict]:
     return rows
 
 
+def _domain_groups_text(sc: dict, prefix: str = "") -> str:
+    """One sentence on `zoo_domain_neurons`' scores (keys prefixed `prefix`): the neuron groups, the
+    hit on their own domains vs the others, and the domains no neuron is specific to."""
+    end = " neurons: own/other hit, the block where it is largest"
+    groups = [g for k in sc if k.startswith(prefix) and k.endswith(end)
+              and ":" not in (g := k[len(prefix):-len(end)])]  # not another model's (prefixed) groups
+    parts = [f"{g} ({sc.get(f'{prefix}{g} neurons', 0)} neurons) {sc[f'{prefix}{g}{end}']:.1f}×" for g in groups]
+    none = [d for d in ("plain", "textured", "noisy") if sc.get(f"{prefix}neurons specific to {d}") == 0]
+    text = (f"the lowest entropy over domains is {sc[f'{prefix}lowest domain entropy (uniform: ln 3 = 1.10)']:.2f} "
+            "(uniform 1.10). Held below their firing threshold, the neurons specific to "
+            + ("; ".join(parts) or "no domain") + " hit their own domains vs the others by that much (at the "
+            "vision block where the effect is largest).")
+    if none:
+        text += (f" No neuron is specific to {', '.join(none)}: the most {none[0]}-specific has entropy "
+                 f"{sc.get(f'{prefix}lowest entropy of a neuron firing most on {none[0]}', float('nan')):.2f}.")
+    return text
+
+
 def _explain_rows(sp: dict) -> list[dict]:
     """Scorecard rows of TEXTSPAN, domain and modality neurons and Patchscopes (where they ran)."""
     rows = []
@@ -146,10 +164,14 @@ def _explain_rows(sp: dict) -> list[dict]:
         rows.append(_row("automated explanation", "TEXTSPAN on shapes-clip: colour, shape and position each have "
                          "heads whose ablation takes ≥ 1.5× more of their own attribute (count)",
                          sp["TEXTSPAN: colour, shape, position with confirmed heads"], 3))
-    hits = [sp.get(f"{d} neurons: own/other first block hit") for d in ("plain", "textured", "noisy")]
-    if all(h is not None for h in hits):
-        rows.append(_row("automated explanation", "domain-specific neurons (MMNeuron): deactivating a domain's "
-                         "neurons hits its images ≥ 2× the others (first vision block, weakest domain)", min(hits), 2.0))
+    weakest = "weakest own/other hit over the neuron groups, the block where it is largest"
+    for prefix, model in (("", "shapes-llava"), ("shapes-clip: ", "shapes-clip")):
+        if prefix + weakest in sp:
+            none = [d for d in ("plain", "textured", "noisy") if sp.get(f"{prefix}neurons specific to {d}") == 0]
+            rows.append(_row("automated explanation", f"domain-specific neurons (MMNeuron) of {model}: deactivating "
+                             "each group hits its own domains ≥ 2× the others (vision block where largest, weakest "
+                             "group" + (f"; no neuron is specific to {', '.join(none)}" if none else "") + ")",
+                             sp[prefix + weakest], 2.0))
     mod = [sp.get(f"{m} neurons: own/other hit, first block") for m in ("image", "text")]
     if all(h is not None for h in mod):
         rows.append(_row("automated explanation", "modality-specific neurons (MINER): deactivation hits the "
@@ -276,21 +298,10 @@ def _explain_reading(sc: dict) -> str:
             if causal:
                 text += (" Ablating one head at a time, the head it depends on most (share of its evidence removed; "
                          "what TEXTSPAN names it): " + "; ".join(causal) + ".")
-    if "lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
-        hits = ", ".join(f"{d} {sc.get(f'{d} neurons: own/other first block hit', nan):.1f}× / "
-                         f"{sc.get(f'{d} neurons: own/other last block hit', nan):.1f}×"
-                         for d in ("plain", "textured", "noisy"))
-        text += (" Domain-specific neurons (MMNeuron, Huo et al. 2024) at background patches of the vision tower: "
-                 f"the lowest entropy over domains is {sc['lowest domain entropy (uniform: ln 3 = 1.10)']:.2f} "
-                 f"(uniform 1.10). Held below their firing threshold, each domain's neurons hit their own domain vs "
-                 f"the others by {hits} (first / last vision block) — the background barely matters to this model.")
-    if "shapes-clip: lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
-        best = ", ".join(f"{d} {sc.get(f'shapes-clip: {d} neurons: own/other hit, the block where it is largest', nan):.1f}×"
-                         for d in ("plain", "textured", "noisy"))
-        text += (" On shapes-clip, whose texts name the background, every background style has its neurons "
-                 f"(lowest entropy {sc['shapes-clip: lowest domain entropy (uniform: ln 3 = 1.10)']:.2f}); held below their "
-                 f"threshold they hit their own domain vs the others by {best} (at the vision block where the "
-                 "effect is largest).")
+    for prefix, lead in (("", " Domain-specific neurons (MMNeuron, Huo et al. 2024) at background patches of the "
+                              "vision tower"), ("shapes-clip: ", " On shapes-clip, whose texts name the background")):
+        if f"{prefix}lowest domain entropy (uniform: ln 3 = 1.10)" in sc:
+            text += lead + ": " + _domain_groups_text(sc, prefix)
     if "image neurons: own/other hit, first block" in sc:
         text += (" Modality-specific LM neurons (MINER, Huang et al. 2024): "
                  f"{sc.get('image neurons in the first block', nan):.0%} of the image neurons sit in the first "

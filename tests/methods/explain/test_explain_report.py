@@ -12,9 +12,16 @@ SCORES = {
     "TEXTSPAN shape heads, total ablation: own evidence drop": 0.4,
     "TEXTSPAN shape heads, total ablation: other evidence drop": 0.15,
     "TEXTSPAN: position texts, smallest 1 - cos": 1e-6, "TEXTSPAN: zero-shot position accuracy": 0.1,
-    "lowest domain entropy (uniform: ln 3 = 1.10)": 0.72,
-    **{f"{d} neurons: own/other {b} block hit": v for d, v in (("plain", 1.2), ("textured", 2.2), ("noisy", 2.7))
-       for b in ("first", "last")},
+    "lowest domain entropy (uniform: ln 3 = 1.10)": 0.72, "neurons specific to plain": 0,
+    "neurons specific to textured": 9, "neurons specific to noisy": 12,
+    "lowest entropy of a neuron firing most on plain": 1.04,
+    "textured+noisy neurons": 9, "textured+noisy neurons: own/other hit, the block where it is largest": 46.0,
+    "noisy neurons": 3, "noisy neurons: own/other hit, the block where it is largest": 1.8,
+    "weakest own/other hit over the neuron groups, the block where it is largest": 1.8,
+    "shapes-clip: lowest domain entropy (uniform: ln 3 = 1.10)": 0.09, "shapes-clip: neurons specific to plain": 0,
+    "shapes-clip: textured neurons": 2,
+    "shapes-clip: textured neurons: own/other hit, the block where it is largest": 59.6,
+    "shapes-clip: weakest own/other hit over the neuron groups, the block where it is largest": 59.6,
     "image neurons: own/other hit, first block": 4.1, "text neurons: own/other hit, first block": 199.0,
     "image neurons: own/other hit, last block": 0.55, "text neurons: own/other hit, last block": 44.0,
     "patchscope colour: accuracy at lm.blocks.0.resid_post": 1.0,
@@ -30,9 +37,14 @@ def test_explain_rows_and_reading(tmp_path):
         {"key": "explain", "title": "Automated explanation", "seconds": 1, "scores": {}}]}))
     rows = {r["check"].split(":")[0]: r for r in scorecard(tmp_path) if r["family"] == "automated explanation"}
     assert rows["TEXTSPAN on shapes-clip"]["verdict"] == "fails its check"  # 2 of 3 attributes
-    assert rows["domain-specific neurons (MMNeuron)"]["value"] == "1.200"  # the weakest domain
+    dom = rows["domain-specific neurons (MMNeuron) of shapes-llava"]
+    assert dom["value"] == "1.800" and dom["verdict"] == "fails its check"  # the weakest group
+    assert "no neuron is specific to plain" in dom["check"]
     assert rows["modality-specific neurons (MINER)"]["verdict"] == "trustworthy here"
     assert rows["Patchscopes"]["value"] == "0.975"
     page = build_report(tmp_path).read_text()
-    assert "L0.H3" in page and "textured 2.2× / 2.2×" in page and "accuracy 1.00 from the first LM block and 0.18" \
-        in page
+    assert "L0.H3" in page and "textured+noisy (9 neurons) 46.0×; noisy (3 neurons) 1.8×" in page
+    assert "No neuron is specific to plain: the most plain-specific has entropy 1.04" in page
+    assert "the neurons specific to textured (2 neurons) 59.6× hit" in page  # shapes-clip's, apart
+    assert rows["domain-specific neurons (MMNeuron) of shapes-clip"]["verdict"] == "trustworthy here"
+    assert "accuracy 1.00 from the first LM block and 0.18" in page

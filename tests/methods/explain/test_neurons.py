@@ -14,6 +14,7 @@ from vlmscope.methods.explain.neurons import (
     domain_neurons,
     entropy_selection,
     hidden_change,
+    mmneuron_selection,
     modality_deactivation,
     modality_neurons,
 )
@@ -53,11 +54,50 @@ def test_entropy_selection_closed_form():
     assert dict(zip(dom.tolist(), flat.tolist())) == {0: 0, 2: 2}  # no neuron fires most in domain 1 (ties go to 0)
 
 
+def test_mmneuron_selection_closed_form():
+    """MMNeuron's rule: lowest entropy over all neurons, among those above the bar somewhere; each
+    kept neuron belongs to every domain where it tops the bar (two here), and a domain no neuron
+    singles out gets none."""
+    prob = torch.tensor([[[0.9, 0.0, 0.0], [0.0, 0.8, 0.8], [0.3, 0.3, 0.3], [0.0, 0.05, 0.05],
+                          [0.0, 0.0, 0.0], [0.1, 0.1, 0.1]]])  # (site, neuron, domain)
+    # 18 probabilities; the 0.75 quantile (14th smallest) is 0.3: only 0.8, 0.8 and 0.9 are above it
+    ent, flat, mine = mmneuron_selection(prob, top_fraction=0.5, bar=0.75)
+    ln2 = torch.log(torch.tensor(2.0)).item()
+    assert float(ent[0, 0]) == pytest.approx(0.0, abs=1e-6) and float(ent[0, 1]) == pytest.approx(ln2, abs=1e-6)
+    # k = 3, but neuron 3 (entropy ln 2, like neuron 1) never tops the bar and neuron 4 never fires
+    assert flat.tolist() == [0, 1]
+    assert mine.tolist() == [[True, False, False], [False, True, True]]
+    with pytest.raises(InputError, match="bar"):
+        mmneuron_selection(prob, 0.5, bar=1.0)
+
+
+def test_groups_and_selectivity_of_a_neuron_shared_by_two_domains():
+    """A group named "b+c" is judged on b and c against a; a target naming every group has no other."""
+    dn = DomainNeurons(("s",), ("a", "b", "c"), torch.zeros(1, 3, 3), torch.zeros(1, 3), torch.tensor([0, 0, 0]),
+                       torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]), "quantile", torch.zeros(1, 3),
+                       torch.zeros(1, 3), torch.tensor([[True, False, False], [False, True, True],
+                                                        [False, True, True]]), "mmneuron")
+    assert dn.groups() == {"b+c": {"s": [1, 2]}, "a": {"s": [0]}}
+    assert dn.neurons_for("c") == {"s": [1, 2]} and dn.neurons_for("a") == {"s": [0]}
+    with pytest.raises(InputError, match="valid: a, b, c"):
+        dn.neurons_for("d")
+    eff = Deactivation(("b+c", "a", "a+b+c"), ("a", "b", "c"), torch.tensor([[1.0, 4.0, 6.0], [3.0, 1.0, 2.0],
+                                                                            [1.0, 1.0, 1.0]]), (2, 1, 3), "x")
+    assert eff.selectivity == {"b+c": pytest.approx(5.0), "a": pytest.approx(2.0)}
+
+
 def test_planted_domain_neuron_is_selected_and_its_deactivation_hits_its_domain(planted, tmp_path):
     m, inputs = planted
     res = domain_neurons(m, inputs, "lm.blocks.0.mlp.post", positions="text", top_fraction=0.01)
-    assert res.neurons_for("noisy") == {"lm.blocks.0.mlp.post": [NEURON]}
+    # 1 % of 128 neurons keeps one: of the neurons that fire on one domain's word only (entropy 0),
+    # the planted one, whose firing gap is the largest
+    assert res.groups() == {"noisy": {"lm.blocks.0.mlp.post": [NEURON]}}
+    assert res.neurons_for("noisy") == {"lm.blocks.0.mlp.post": [NEURON]} and res.neurons_for("plain") == {}
     assert float(res.entropy[0, NEURON]) == pytest.approx(0.0, abs=1e-6)
+    per = domain_neurons(m, inputs, "lm.blocks.0.mlp.post", positions="text", top_fraction=0.01, select="per-domain")
+    assert per.neurons_for("noisy") == {"lm.blocks.0.mlp.post": [NEURON]} and len(per.groups()) == 3  # one each
+    with pytest.raises(InputError, match="per-domain"):
+        domain_neurons(m, inputs, "lm.blocks.0.mlp.post", positions="text", select="lowest")
     text_change = hidden_change()
     effect = deactivate(m, {"noisy": inputs["noisy"], "plain": inputs["plain"]},
                         {"noisy": res.neurons_for("noisy")}, lambda vlm, g, x, ivs: text_change(vlm, "text", x, ivs))

@@ -103,31 +103,36 @@ def test_patch_maps_place_each_patch(zoo):
 
 
 def test_zoo_domain_neurons_and_cli(zoo):
-    """shapes-llava barely encodes its background: the lowest-entropy neurons (first vision block, at
-    background patches) fire on textured *and* noisy alike, almost never on plain. Holding a domain's
-    neurons below their firing threshold hits that domain's hidden states >= 2x as hard as the
-    others' in the first block, but the difference is gone by the tower's last block. Plain has no
-    specific neurons (see docs/explain.md): its lowest entropy is near uniform (1.04 on 60 scenes, ln 3 = 1.10)."""
+    """shapes-llava barely encodes its background. Under MMNeuron's rule the lowest-entropy neurons
+    (first vision block, at background patches) are specific to textured *and* noisy alike (9) or to
+    noisy (3), and none to plain. Held below their firing threshold, each group hits its own domains'
+    hidden states >= 2x as hard as the others' in the first block; the difference is gone by the
+    tower's last block. Plain has no specific neurons (docs/explain.md): its most specific is near
+    uniform (entropy 1.04 on 60 scenes, ln 3 = 1.10), and the per-domain rule, which forces a
+    selection for every domain, picks plain "neurons" that fire on textured too and hit plain no harder."""
     dn, effects, scores = zoo_domain_neurons(zoo, n=60, top_fraction=0.01)
     assert set(effects) == {"first block", "last block", "answer"} and len(dn.domains) == 3
-    assert all(s.startswith("vision.blocks.") for s in dn.sites)
+    assert all(s.startswith("vision.blocks.") for s in dn.sites) and dn.selection == "mmneuron"
+    assert {g: sum(map(len, ns.values())) for g, ns in dn.groups().items()} == {"textured+noisy": 9, "noisy": 3}
+    assert scores["neurons specific to plain"] == 0 and scores["neurons specific to noisy"] == 12
     assert 0.5 < scores["lowest domain entropy (uniform: ln 3 = 1.10)"] < 1.0
-    for d in ("textured", "noisy"):
-        assert scores[f"{d} neurons: firing probability on plain"] < 0.05
-        assert scores[f"{d} neurons: own/other first block hit"] >= 2.0
-        assert scores[f"{d} neurons: own/other last block hit"] < 1.5
-    # no plain-specific neurons exist: the most plain-specific one is near-uniform over domains, the
-    # selected "plain" neurons fire on textured and noisy almost as often, and clamping them is unselective
-    assert scores["plain neurons: lowest entropy"] > 1.0 > 0.8 > scores["noisy neurons: lowest entropy"]
-    assert scores["plain neurons: firing probability on textured"] > 0.04
-    assert scores["plain neurons: own/other first block hit"] < 1.6
-    assert scores["plain neurons: own/other answer hit"] < 0.5 < 2 < scores["noisy neurons: own/other answer hit"]
+    assert scores["lowest entropy of a neuron firing most on plain"] > 1.0 > 0.8 > \
+        scores["lowest entropy of a neuron firing most on noisy"]
+    assert scores["textured+noisy neurons: firing probability on plain"] < 0.05
+    assert scores["textured+noisy neurons: own/other first block hit"] > 20
+    assert scores["textured+noisy neurons: own/other last block hit"] < 1.5
+    assert scores["noisy neurons: own/other first block hit"] > 3 and scores["noisy neurons: own/other answer hit"] > 3
+    assert scores["weakest own/other hit over the neuron groups, the block where it is largest"] >= 2.0
+    _, _, per = zoo_domain_neurons(zoo, n=60, top_fraction=0.01, select="per-domain")
+    assert per["plain neurons: firing probability on textured"] > 0.04
+    assert per["plain neurons: own/other first block hit"] < 1.6 and per["plain neurons: own/other answer hit"] < 0.5
     ref = dn.reference("clamp")
     assert set(ref) == set(dn.sites) and ref[dn.sites[0]].shape == (dn.prob.shape[1],)
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["explain", "neurons", "--examples", "12"])
     assert args.func.__name__ == "cmd_neurons" and args.top_fraction == 0.01 and args.where == "background"
+    assert args.select == "mmneuron" and args.bar == 0.95
 
 
 def test_zoo_modality_neurons_hit_their_modality_where_they_live(zoo):

@@ -50,6 +50,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     n.add_argument("--where", choices=["background", "image"], default="background", help="patches read")
     n.add_argument("--examples", type=int, default=120)
     n.add_argument("--top-fraction", type=float, default=0.01)
+    n.add_argument("--select", choices=["mmneuron", "per-domain"], default="mmneuron",
+                   help="mmneuron: lowest entropy over all neurons, each kept for the domains where its firing "
+                        "tops --bar (a domain may get none); per-domain: the lowest-entropy neurons of every domain")
+    n.add_argument("--bar", type=float, default=0.95, help="quantile of all firing probabilities a neuron must "
+                   "top in a domain to be specific to it (--select mmneuron)")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--out", default=None)
     n.set_defaults(func=cmd_neurons)
@@ -148,7 +153,8 @@ def cmd_neurons(args: argparse.Namespace) -> int:
     from vlmscope.methods.explain.zoo import zoo_domain_neurons
 
     dn, effects, scores = zoo_domain_neurons(_model(args.model), n=args.examples, seed=args.seed,
-                                             top_fraction=args.top_fraction, sites=args.sites, where=args.where)
+                                             top_fraction=args.top_fraction, sites=args.sites, where=args.where,
+                                             select=args.select, bar=args.bar)
     print(dn)
     return _show(scores, args.out, {"domain_neurons": dn} | {f"deactivation {k}": e for k, e in effects.items()})
 

@@ -1,10 +1,16 @@
 """Domain- and modality-specific neurons, with deactivation experiments.
 
 - Domain-specific neurons (MMNeuron, Huo et al. 2024): a neuron's activation probability in each
-  domain, normalised over domains; neurons whose distribution has low entropy are specific to
-  the domain where they fire most. MMNeuron counts a neuron as active when it is > 0 (after a
-  ReLU-like activation); gated MLPs (SiLU · up) have no such zero, so by default a neuron "fires"
-  when it exceeds its own `quantile` over all domains' tokens (fire="positive" gives the paper's rule).
+  domain, normalised over domains; neurons whose distribution has low entropy are domain-specific.
+  MMNeuron's selection (select="mmneuron", the default) keeps the `top_fraction` of all neurons
+  with the lowest entropy among those whose probability in some domain tops the `bar` quantile of
+  all probabilities, and assigns each kept neuron to every domain where it does: a neuron can be
+  specific to two domains, and a domain that no neuron singles out gets none. select="per-domain"
+  instead keeps, for every domain, the `top_fraction` lowest-entropy neurons among those firing most
+  there, so every domain gets neurons, however unspecific. MMNeuron counts a neuron as active when
+  it is > 0 (after a ReLU-like activation); gated MLPs (SiLU · up) have no such zero, so by default
+  a neuron "fires" when it exceeds its own `quantile` over all domains' tokens (fire="positive"
+  gives the paper's rule).
 - Modality-specific neurons (MINER, Huang et al. 2024): a neuron's importance for image and for
   text tokens (mean |activation| over each modality's positions, each relative to its layer's
   average); the log ratio ranks image- and text-specific neurons.
@@ -55,23 +61,39 @@ class DomainNeurons(Result):
     entropy: torch.Tensor  # (site, neuron), nats; log(len(domains)) = uniform
     selected_site: torch.Tensor  # (k,) index into sites
     selected_neuron: torch.Tensor  # (k,)
-    selected_domain: torch.Tensor  # (k,) index into domains
+    selected_domain: torch.Tensor  # (k,) index into domains: the one each fires most in
     fire: str
     mean: torch.Tensor  # (site, neuron) mean activation over every domain's tokens (for how="mean")
     threshold: torch.Tensor  # (site, neuron) the firing threshold (for how="clamp")
+    selected_in: torch.Tensor  # (k, domain) bool: the domains each selected neuron is specific to
+    selection: str  # "mmneuron" or "per-domain" (module docstring)
 
     def __repr__(self) -> str:
-        counts = {d: int((self.selected_domain == i).sum()) for i, d in enumerate(self.domains)}
-        return f"DomainNeurons({len(self.sites)} sites, selected per domain {counts})"
+        counts = {g: sum(map(len, ns.values())) for g, ns in self.groups().items()}
+        return f"DomainNeurons({len(self.sites)} sites, {self.selection} selection, neurons per domain set {counts})"
 
     def neurons_for(self, domain: str) -> dict[str, list[int]]:
-        """site -> neurons specific to `domain` (for `deactivate`)."""
+        """site -> neurons specific to `domain`, alone or with other domains (MMNeuron's per-domain set)."""
+        if domain not in self.domains:
+            raise InputError(f"unknown domain {domain!r}; valid: {', '.join(self.domains)}")
         d = self.domains.index(domain)
+        return self._sites_of(self.selected_in[:, d])
+
+    def groups(self) -> dict[str, dict[str, list[int]]]:
+        """Selected neurons grouped by the exact set of domains they are specific to: "textured+noisy"
+        -> site -> neurons. The deactivation targets of `zoo_domain_neurons`: each group's own domains
+        are the ones it names (`Deactivation.selectivity`)."""
+        keys = [tuple(row) for row in self.selected_in.tolist()]
+        out = {}
+        for key in sorted(set(keys), key=lambda k: (-sum(k), [not x for x in k])):
+            name = "+".join(d for d, x in zip(self.domains, key) if x)
+            out[name] = self._sites_of(torch.tensor([k == key for k in keys], dtype=torch.bool))
+        return out
+
+    def _sites_of(self, mask: torch.Tensor) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
-        for s, n, dd in zip(self.selected_site.tolist(), self.selected_neuron.tolist(),
-                            self.selected_domain.tolist()):
-            if dd == d:
-                out.setdefault(self.sites[s], []).append(n)
+        for s, n in zip(self.selected_site[mask].tolist(), self.selected_neuron[mask].tolist()):
+            out.setdefault(self.sites[s], []).append(n)
         return out
 
     def reference(self, how: str) -> dict[str, torch.Tensor] | None:
@@ -83,12 +105,16 @@ class DomainNeurons(Result):
         return None if table is None else dict(zip(self.sites, table))
 
     def to_dataframe(self):
-        """One row per selected neuron: site, neuron, domain, entropy, probability per domain."""
+        """One row per selected neuron: site, neuron, the domain it fires most in, the domains it is
+        specific to, entropy, probability per domain."""
         import pandas as pd
 
         rows = []
-        for s, n, d in zip(self.selected_site.tolist(), self.selected_neuron.tolist(), self.selected_domain.tolist()):
-            row = {"site": self.sites[s], "neuron": n, "domain": self.domains[d], "entropy": float(self.entropy[s, n])}
+        for s, n, d, mine in zip(self.selected_site.tolist(), self.selected_neuron.tolist(),
+                                 self.selected_domain.tolist(), self.selected_in.tolist()):
+            row = {"site": self.sites[s], "neuron": n, "domain": self.domains[d],
+                   "domains": "+".join(x for x, m in zip(self.domains, mine) if m),
+                   "entropy": float(self.entropy[s, n])}
             row.update({f"p_{dom}": float(self.prob[s, n, j]) for j, dom in enumerate(self.domains)})
             rows.append(row)
         return pd.DataFrame(rows)
@@ -117,12 +143,41 @@ def entropy_selection(prob: torch.Tensor, top_fraction: float, tiebreak: torch.T
     return ent, torch.cat(picks), torch.cat(domains)
 
 
+def mmneuron_selection(prob: torch.Tensor, top_fraction: float, bar: float = 0.95,
+                       tiebreak: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MMNeuron's rule over (site, neuron, domain) probabilities: the `top_fraction` of all neurons
+    with the lowest entropy over domains, among those whose probability in some domain exceeds the
+    `bar` quantile of every probability; each kept neuron is specific to each domain where it
+    exceeds that value. Equal entropies go to the larger `tiebreak` (site, neuron). Returns (entropy,
+    flat indices, (k, domain) bool: the domains each is specific to)."""
+    if not 0 < bar < 1:
+        raise InputError(f"bar must be a quantile in (0, 1), got {bar}")
+    total = prob.sum(-1, keepdim=True)
+    q = prob / total.clamp_min(1e-12)
+    ent = -(q * q.clamp_min(1e-12).log()).sum(-1)  # (site, neuron)
+    flat_prob = prob.flatten()
+    level = float(flat_prob.kthvalue(max(1, round(bar * flat_prob.numel()))).values)
+    above = prob > level  # (site, neuron, domain)
+    ent_ok = torch.where(above.any(-1), ent, torch.full_like(ent, float("inf"))).flatten()
+    k = max(1, int(round(top_fraction * ent.numel())))
+    order = torch.arange(len(ent_ok)) if tiebreak is None else (-tiebreak.flatten()).argsort()
+    idx = order[ent_ok[order].round(decimals=6).argsort(stable=True)][:k]
+    idx = idx[ent_ok[idx].isfinite()]
+    return ent, idx, above.flatten(0, 1)[idx]
+
+
+SELECTIONS = ("mmneuron", "per-domain")
+
+
 def domain_neurons(vlm, inputs_by_domain: Mapping[str, Mapping[str, Any]], sites: str | Sequence[str] =
                    "lm.blocks.*.mlp.post", positions="image", top_fraction: float = 0.01, quantile: float = 0.9,
-                   fire: str = "quantile") -> DomainNeurons:
-    """MMNeuron's domain-specific neurons among `sites` (activations at `positions` of each domain's inputs)."""
+                   fire: str = "quantile", select: str = "mmneuron", bar: float = 0.95) -> DomainNeurons:
+    """MMNeuron's domain-specific neurons among `sites` (activations at `positions` of each domain's
+    inputs); `select` and `bar`: which neurons are kept (module docstring)."""
     if fire not in ("quantile", "positive"):
         raise InputError(f"unknown firing rule {fire!r}; valid: 'quantile', 'positive'")
+    if select not in SELECTIONS:
+        raise InputError(f"unknown selection {select!r}; valid: {', '.join(map(repr, SELECTIONS))}")
     if len(inputs_by_domain) < 2:
         raise InputError("domain-specific neurons need at least two domains")
     acts = {d: _acts(vlm, x, sites, positions) for d, x in inputs_by_domain.items()}
@@ -142,10 +197,15 @@ def domain_neurons(vlm, inputs_by_domain: Mapping[str, Mapping[str, Any]], sites
         thresholds.append(thr)
         gaps.append((means.max(-1).values - means.median(-1).values) / (torch.cat(per).std(0) + 1e-6))
     prob = torch.stack(probs)  # (site, neuron, domain)
-    ent, flat, dom = entropy_selection(prob, top_fraction, torch.stack(gaps))
+    if select == "mmneuron":
+        ent, flat, mine = mmneuron_selection(prob, top_fraction, bar, torch.stack(gaps))
+        dom = prob.flatten(0, 1)[flat].argmax(-1)
+    else:
+        ent, flat, dom = entropy_selection(prob, top_fraction, torch.stack(gaps))
+        mine = torch.nn.functional.one_hot(dom, prob.shape[-1]).bool()
     n = prob.shape[1]
     return DomainNeurons(tuple(names), tuple(inputs_by_domain), prob, ent, flat // n, flat % n, dom, fire,
-                         torch.stack(mean), torch.stack(thresholds))
+                         torch.stack(mean), torch.stack(thresholds), mine, select)
 
 
 @dataclass(frozen=True, repr=False)
@@ -206,15 +266,18 @@ class Deactivation(Result):
 
     @property
     def selectivity(self) -> dict[str, float]:
-        """target -> hit on its own group / mean hit on the other groups (for targets that are groups)."""
+        """target -> mean hit on its own groups / mean hit on the other groups, for targets that name
+        groups: "noisy", or "textured+noisy" for neurons specific to both (`DomainNeurons.groups`)."""
         out = {}
         for t, name in enumerate(self.targets):
-            if name in self.groups:
-                g = self.groups.index(name)
-                others = [float(self.hit[t, j]) for j in range(len(self.groups)) if j != g]
-                mean = sum(others) / max(len(others), 1)
-                own = float(self.hit[t, g])
-                out[name] = own / mean if mean > 0 else float("inf") if own > 0 else float("nan")
+            parts = name.split("+")
+            if not set(parts) <= set(self.groups) or len(parts) == len(self.groups):
+                continue
+            mine = [self.groups.index(p) for p in parts]
+            own = float(self.hit[t, mine].mean())
+            others = [float(self.hit[t, j]) for j in range(len(self.groups)) if j not in mine]
+            mean = sum(others) / len(others)
+            out[name] = own / mean if mean > 0 else float("inf") if own > 0 else float("nan")
         return out
 
     def to_dataframe(self):

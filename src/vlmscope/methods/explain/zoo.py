@@ -215,14 +215,16 @@ def background_mask(vlm, inputs, scenes, stream: str) -> torch.Tensor:
 
 def zoo_domain_neurons(vlm, n: int = 120, seed: int = 0, top_fraction: float = 0.01,
                        sites: str = "vision.blocks.*.mlp.post", where: str = "background", quantile: float = 0.9,
-                       how: str = "clamp", fire: str = "quantile") -> tuple[DomainNeurons, dict, dict[str, float]]:
+                       how: str = "clamp", fire: str = "quantile", select: str = "mmneuron", bar: float = 0.95,
+                       ) -> tuple[DomainNeurons, dict, dict[str, float]]:
     """Domain-specific neurons for the three backgrounds: the same scenes and questions rendered on
-    each, firing read at the background patches (`where="image"`: every patch) of the sites' stream;
-    each domain's neurons are then switched off (`how`, see neurons.py) and the relative hidden
-    change at those positions is measured at the first and the last block of that tower ("first
-    block", "last block"), and for a generative model the answer's log-prob drop ("answer"). `fire`:
-    "quantile" (above the neuron's `quantile`) or "positive" (MMNeuron's > 0), see neurons.py.
-    Returns (neurons, {name: Deactivation}, scores)."""
+    each, firing read at the background patches (`where="image"`: every patch) of the sites' stream.
+    The selected neurons are grouped by the domains they are specific to (`DomainNeurons.groups`:
+    "noisy", "textured+noisy", ...; a domain no neuron singles out has none, see neurons.py for
+    `select`, `bar` and `fire`); each group is switched off (`how`) and the relative hidden change
+    at those positions is measured at the first and the last block of that tower ("first block",
+    "last block"), and for a generative model the answer's log-prob drop ("answer"). A group's
+    own/other hit compares its own domains with the rest. Returns (neurons, {name: Deactivation}, scores)."""
     if where not in ("background", "image"):
         raise InputError(f"unknown position set {where!r}; valid: 'background', 'image'")
     exs = truth.examples(seed, n)
@@ -233,8 +235,8 @@ def zoo_domain_neurons(vlm, n: int = 120, seed: int = 0, top_fraction: float = 0
     positions = (background_mask(vlm, x0, [e.scene for e in exs], stream) if where == "background"
                  else vlm.select(x0, "image", stream=stream))  # the same scenes on every domain: one mask
     dn = domain_neurons(vlm, inputs, sites, positions=positions, top_fraction=top_fraction, quantile=quantile,
-                        fire=fire)
-    sets = {d: dn.neurons_for(d) for d in DOMAINS}
+                        fire=fire, select=select, bar=bar)
+    sets = dn.groups()
     part = stream.split(".")[0]
     what = f"relative hidden change at {where} patches"
     ref = dn.reference(how)
@@ -245,27 +247,46 @@ def zoo_domain_neurons(vlm, n: int = 120, seed: int = 0, top_fraction: float = 0
         answers = {d: truth.answer_ids(vlm, ex) for d, ex in by_domain.items()}
         effects["answer"] = deactivate(vlm, inputs, sets, _answer_logprob_drop(answers), "answer log-prob drop",
                                        how, ref)
+    return dn, effects, _domain_scores(dn, effects)
+
+
+def _domain_scores(dn: DomainNeurons, effects: dict) -> dict[str, float]:
+    """Per domain: how many neurons are specific to it and the lowest entropy of those firing most
+    there; per group of neurons: where they fire and how hard switching them off hits their own
+    domains vs the others (`zoo_domain_neurons`)."""
     finite = dn.entropy[dn.entropy.isfinite()]
     scores: dict[str, float] = {"domain-specific neurons": len(dn.selected_neuron),
                                 "lowest domain entropy (uniform: ln 3 = 1.10)": float(finite.min())}
     owner = dn.prob.argmax(-1)  # (site, neuron) the domain each neuron fires most in
-    for i, d in enumerate(DOMAINS):
-        scores[f"{d} neurons"] = sum(len(v) for v in sets[d].values())
+    for i, d in enumerate(dn.domains):
+        scores[f"neurons specific to {d}"] = int(dn.selected_in[:, i].sum())
         own_ent = dn.entropy[(owner == i) & dn.entropy.isfinite()]
-        scores[f"{d} neurons: lowest entropy"] = float(own_ent.min()) if own_ent.numel() else float("nan")
-        mine = dn.selected_domain == i
-        p = dn.prob[dn.selected_site[mine], dn.selected_neuron[mine]].mean(0)  # (domain,) firing probability
-        for j, other in enumerate(DOMAINS):
-            scores[f"{d} neurons: firing probability on {other}"] = float(p[j])
+        scores[f"lowest entropy of a neuron firing most on {d}"] = (float(own_ent.min()) if own_ent.numel()
+                                                                    else float("nan"))
+    weakest = float("inf")
+    for g, neurons in dn.groups().items():
+        idx = [(dn.sites.index(s), n) for s, ns in neurons.items() for n in ns]
+        p = dn.prob[[s for s, _ in idx], [n for _, n in idx]].mean(0)  # (domain,) firing probability
+        scores[f"{g} neurons"] = len(idx)
+        for j, other in enumerate(dn.domains):
+            scores[f"{g} neurons: firing probability on {other}"] = float(p[j])
+        mine = [dn.domains.index(x) for x in g.split("+")]
+        rest = [j for j in range(len(dn.domains)) if j not in mine]
         for name, eff in effects.items():
-            hit = eff.hit[eff.targets.index(d)]
-            scores[f"{d} neurons: own {name} hit"] = float(hit[i])
-            scores[f"{d} neurons: other {name} hit"] = float(hit[torch.arange(len(DOMAINS)) != i].mean())
-            scores[f"{d} neurons: own/other {name} hit"] = eff.selectivity[d]
-        blocks = [eff for name, eff in effects.items() if name.endswith("block")]
-        at = [e.selectivity[d] for e in blocks if not math.isnan(e.selectivity[d])]  # NaN: no effect there
-        scores[f"{d} neurons: own/other hit, the block where it is largest"] = max(at) if at else float("nan")
-    return dn, effects, scores
+            hit = eff.hit[eff.targets.index(g)]
+            scores[f"{g} neurons: own {name} hit"] = float(hit[mine].mean())
+            if rest:
+                scores[f"{g} neurons: other {name} hit"] = float(hit[rest].mean())
+                scores[f"{g} neurons: own/other {name} hit"] = eff.selectivity[g]
+        at = [e.selectivity[g] for name, e in effects.items() if name.endswith("block") and g in e.selectivity
+              and not math.isnan(e.selectivity[g])]  # NaN: no effect there
+        best = max(at) if at else float("nan")
+        scores[f"{g} neurons: own/other hit, the block where it is largest"] = best
+        if rest and not math.isnan(best):
+            weakest = min(weakest, best)
+    if weakest < float("inf"):
+        scores["weakest own/other hit over the neuron groups, the block where it is largest"] = weakest
+    return scores
 
 
 def zoo_modality_neurons(vlm, n: int = 60, seed: int = 0, top_fraction: float = 0.01,
