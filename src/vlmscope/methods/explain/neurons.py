@@ -126,21 +126,29 @@ def entropy_selection(prob: torch.Tensor, top_fraction: float, tiebreak: torch.T
     domain, the top_fraction of all neurons with the lowest entropy among those firing most in that
     domain (neurons that never fire are skipped; equal entropies go to the larger `tiebreak`,
     (site, neuron)). Returns (entropy, flat indices, their domain)."""
-    total = prob.sum(-1, keepdim=True)
-    q = prob / total.clamp_min(1e-12)
-    ent = -(q * q.clamp_min(1e-12).log()).sum(-1)  # (site, neuron)
-    ent = torch.where(total[..., 0] > 0, ent, torch.full_like(ent, float("inf")))
+    ent = domain_entropy(prob)
+    ent = torch.where(prob.sum(-1) > 0, ent, torch.full_like(ent, float("inf")))
     k = max(1, int(round(top_fraction * ent.numel())))
     flat_ent, owner = ent.flatten(), prob.flatten(0, 1).argmax(-1)
     picks, domains = [], []
     for d in range(prob.shape[-1]):
-        cand = torch.where(owner == d, flat_ent, torch.full_like(flat_ent, float("inf")))
-        order = torch.arange(len(cand)) if tiebreak is None else (-tiebreak.flatten()).argsort()
-        idx = order[cand[order].round(decimals=6).argsort(stable=True)][:k]
-        idx = idx[cand[idx].isfinite()]
+        idx = _lowest(torch.where(owner == d, flat_ent, torch.full_like(flat_ent, float("inf"))), k, tiebreak)
         picks.append(idx)
         domains.append(torch.full_like(idx, d))
     return ent, torch.cat(picks), torch.cat(domains)
+
+
+def domain_entropy(prob: torch.Tensor) -> torch.Tensor:
+    """(site, neuron) entropy in nats of each neuron's firing probabilities normalised over domains."""
+    q = prob / prob.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(q * q.clamp_min(1e-12).log()).sum(-1)
+
+
+def _lowest(flat_ent: torch.Tensor, k: int, tiebreak: torch.Tensor | None) -> torch.Tensor:
+    """Indices of the k lowest finite entries (equal ones, to 6 decimals, go to the larger `tiebreak`)."""
+    order = torch.arange(len(flat_ent)) if tiebreak is None else (-tiebreak.flatten()).argsort()
+    idx = order[flat_ent[order].round(decimals=6).argsort(stable=True)][:k]
+    return idx[flat_ent[idx].isfinite()]
 
 
 def mmneuron_selection(prob: torch.Tensor, top_fraction: float, bar: float = 0.95,
@@ -152,17 +160,12 @@ def mmneuron_selection(prob: torch.Tensor, top_fraction: float, bar: float = 0.9
     flat indices, (k, domain) bool: the domains each is specific to)."""
     if not 0 < bar < 1:
         raise InputError(f"bar must be a quantile in (0, 1), got {bar}")
-    total = prob.sum(-1, keepdim=True)
-    q = prob / total.clamp_min(1e-12)
-    ent = -(q * q.clamp_min(1e-12).log()).sum(-1)  # (site, neuron)
+    ent = domain_entropy(prob)
     flat_prob = prob.flatten()
     level = float(flat_prob.kthvalue(max(1, round(bar * flat_prob.numel()))).values)
     above = prob > level  # (site, neuron, domain)
     ent_ok = torch.where(above.any(-1), ent, torch.full_like(ent, float("inf"))).flatten()
-    k = max(1, int(round(top_fraction * ent.numel())))
-    order = torch.arange(len(ent_ok)) if tiebreak is None else (-tiebreak.flatten()).argsort()
-    idx = order[ent_ok[order].round(decimals=6).argsort(stable=True)][:k]
-    idx = idx[ent_ok[idx].isfinite()]
+    idx = _lowest(ent_ok, max(1, int(round(top_fraction * ent.numel()))), tiebreak)
     return ent, idx, above.flatten(0, 1)[idx]
 
 
