@@ -139,6 +139,12 @@ def scorecard(root: Path) -> list[dict]:
     return rows
 
 
+def _domains_without_neurons(sc: dict, prefix: str = "") -> list[str]:
+    """The domains `zoo_domain_neurons` found no neuron specific to (keys prefixed `prefix`)."""
+    lead = f"{prefix}neurons specific to "
+    return [k[len(lead):] for k, v in sc.items() if k.startswith(lead) and v == 0]
+
+
 def _domain_groups_text(sc: dict, prefix: str = "") -> str:
     """One sentence on `zoo_domain_neurons`' scores (keys prefixed `prefix`): the neuron groups, the
     hit on their own domains vs the others, and the domains no neuron is specific to."""
@@ -146,7 +152,7 @@ def _domain_groups_text(sc: dict, prefix: str = "") -> str:
     groups = [g for k in sc if k.startswith(prefix) and k.endswith(end)
               and ":" not in (g := k[len(prefix):-len(end)])]  # not another model's (prefixed) groups
     parts = [f"{g} ({sc.get(f'{prefix}{g} neurons', 0)} neurons) {sc[f'{prefix}{g}{end}']:.1f}×" for g in groups]
-    none = [d for d in ("plain", "textured", "noisy") if sc.get(f"{prefix}neurons specific to {d}") == 0]
+    none = _domains_without_neurons(sc, prefix)
     text = (f"the lowest entropy over domains is {sc[f'{prefix}lowest domain entropy (uniform: ln 3 = 1.10)']:.2f} "
             "(uniform 1.10). Held below their firing threshold, the neurons specific to "
             + ("; ".join(parts) or "no domain") + " hit their own domains vs the others by that much (at the "
@@ -167,7 +173,7 @@ def _explain_rows(sp: dict) -> list[dict]:
     weakest = "weakest own/other hit over the neuron groups, the block where it is largest"
     for prefix, model in (("", "shapes-llava"), ("shapes-clip: ", "shapes-clip")):
         if prefix + weakest in sp:
-            none = [d for d in ("plain", "textured", "noisy") if sp.get(f"{prefix}neurons specific to {d}") == 0]
+            none = _domains_without_neurons(sp, prefix)
             rows.append(_row("automated explanation", f"domain-specific neurons (MMNeuron) of {model}: deactivating "
                              "each group hits its own domains ≥ 2× the others (vision block where largest, weakest "
                              "group" + (f"; no neuron is specific to {', '.join(none)}" if none else "") + ")",
