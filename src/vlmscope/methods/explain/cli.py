@@ -37,6 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="shares of its peak each feature is dissected at (default explain.zoo.LEVELS: 0.1,0.25,0.4,"
                    "0.55); it is labelled at the one its label fits best and verified there. 'quantile': its top "
                    "20%% of patches instead (Bau et al.)")
+    f.add_argument("--seen", choices=["auto", "on", "off"], default="auto",
+                   help="concepts of what earlier image tokens show (seen_colour=red, seen=none); auto: at "
+                        "language-model sites, which read the image tokens in order")
     f.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                    help="refine every label that does not hold, up to ROUNDS times (refine.py; default 0: off)")
     f.add_argument("--seed", type=int, default=0)
@@ -116,7 +119,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     levels = {} if args.levels is None else {"ratio": None if args.levels == "quantile" else
                                               _floats(args.levels, "--levels")}
     res, scores = explain_sae_features(m, sae, site, n_features=args.n_features, n=args.examples, seed=args.seed,
-                                       length=args.length, **levels)
+                                       length=args.length, seen={"auto": None, "on": True, "off": False}[args.seen],
+                                       **levels)
     print(res.to_dataframe().to_string(index=False))
     if args.refine:
         from vlmscope.methods.explain.zoo import refine_explained

@@ -8,6 +8,12 @@ that grid row or column), "object" (a patch showing any object: the union of eve
 attribute) and "background" (a patch showing none). Without these, a feature that fires at one
 position whatever is there, or on every object, can only be named by an object attribute it does
 not select.
+
+What a patch has seen (`SEEN`): "seen_colour=red" (a patch read after a patch showing a red object),
+"seen_shape=...", "seen_size=...", and "seen=object" / "seen=none" (after some object / none). A
+language model reads the image tokens in order and each attends to those before it, so its state at
+a background patch can carry the objects read earlier; these concepts name that. They mean
+nothing in a vision tower, whose patches all see each other.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ VALUES: dict[str, tuple[str, ...]] = {
     "domain": DOMAINS, "patch": tuple(str(k) for k in range(GRID * GRID)),
     "row": tuple(str(k) for k in range(GRID)), "column": tuple(str(k) for k in range(GRID)),
     "tone": ("dark", "light"),
+    "seen": ("none", "object"), "seen_colour": COLOURS, "seen_shape": SHAPES, "seen_size": SIZES,
 }
 SCENE_ATTRIBUTES = ("domain", "tone")  # properties of the whole image
 MID_GREY = 128  # scenes draw their background grey from 96..160: below 128 is "dark"
 PLACES = ("patch", "row", "column")  # where a patch is, whatever it shows
 OBJECT_ATTRIBUTES = ("colour", "shape", "size", "cell")  # what the verification loop varies on an object
 WHOLE = ("object", "background")  # concepts without a value
+SEEN = ("seen", "seen_colour", "seen_shape", "seen_size")  # what patches read earlier show (a causal reader)
 
 
 def tone(scene) -> str:
@@ -56,8 +64,9 @@ def parse(explanation: str) -> tuple[str, str]:
     return attr, value
 
 
-def all_concepts(attributes: Sequence[str] = (*VALUES, *WHOLE)) -> list[str]:
-    """Every concept of the given attributes ("object" and "background" stand for themselves)."""
+def all_concepts(attributes: Sequence[str] = tuple(a for a in (*VALUES, *WHOLE) if a not in SEEN)) -> list[str]:
+    """Every concept of the given attributes ("object" and "background" stand for themselves); by
+    default every attribute but the `SEEN` ones, which only a causal reader's states can carry."""
     unknown = [a for a in attributes if a not in VALUES and a not in WHOLE]
     if unknown:
         raise InputError(f"unknown attributes {unknown}; valid: {[*VALUES, *WHOLE]}")
@@ -65,12 +74,15 @@ def all_concepts(attributes: Sequence[str] = (*VALUES, *WHOLE)) -> list[str]:
 
 
 def concept_masks(scenes: Sequence, grid: int | tuple[int, int] = GRID,
-                  concepts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+                  concepts: Sequence[str] | None = None, order: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
     """concept -> (scene, rows, cols) bool: the patches of objects with that attribute value
     (`patch_objects` decides which object a patch shows); "domain=d" and "tone=t" cover whole images,
-    "patch=k" the patch at row k // cols, column k % cols of every image."""
+    "patch=k" the patch at row k // cols, column k % cols of every image; a `SEEN` concept the patches
+    read after one that shows such an object. order: the reading order, patch indices (row * cols +
+    col) first to last; row by row by default."""
     concepts = list(concepts) if concepts is not None else all_concepts()
     owners = np.stack([patch_objects(s, grid) for s in scenes])  # (scene, rows, cols)
+    rank = _ranks(owners.shape[1] * owners.shape[2], order)
     out = {}
     for c in concepts:
         attr, value = parse(c)
@@ -87,6 +99,8 @@ def concept_masks(scenes: Sequence, grid: int | tuple[int, int] = GRID,
                 m[:, k, :] = True
             else:
                 m[:, :, k] = True
+        elif attr in SEEN:
+            m = _seen(scenes, owners, rank, attr, value)
         for i, s in enumerate(scenes):
             if attr in SCENE_ATTRIBUTES:
                 m[i] = scene_value(s, attr) == value
@@ -99,3 +113,33 @@ def concept_masks(scenes: Sequence, grid: int | tuple[int, int] = GRID,
                     m[i] |= owners[i] == k
         out[c] = torch.from_numpy(m)
     return out
+
+
+def _ranks(n: int, order: Sequence[int] | None) -> np.ndarray:
+    """(n,) each patch's place in the reading order."""
+    if order is None:
+        return np.arange(n)
+    order = np.asarray(order)
+    if sorted(order.tolist()) != list(range(n)):
+        raise InputError(f"a reading order must list each of the {n} patches once; got {order.tolist()}")
+    rank = np.empty(n, dtype=int)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def _seen(scenes, owners: np.ndarray, rank: np.ndarray, attr: str, value: str) -> np.ndarray:
+    """(scene, rows, cols) bool: patches read after a patch showing an object with `attr`'s value
+    ("seen=object": any object; "seen=none": no object before)."""
+    flat = owners.reshape(len(owners), -1)  # (scene, patch)
+    out = np.zeros(flat.shape, dtype=bool)
+    for i, s in enumerate(scenes):
+        if attr == "seen":
+            shown = flat[i] >= 0
+        else:
+            key = attr.removeprefix("seen_")
+            shown = np.array([k >= 0 and getattr(s.objects[k], key) == value for k in flat[i]], dtype=bool)
+        if shown.any():
+            out[i] = rank > rank[shown].min()
+    if attr == "seen" and value == "none":
+        out = ~out
+    return out.reshape(owners.shape)

@@ -6,6 +6,7 @@ cell and removed (`patch_variants`), or every combination of the attributes a fo
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ from vlmscope.methods.explain.concepts import (
     OBJECT_ATTRIBUTES,
     PLACES,
     SCENE_ATTRIBUTES,
+    SEEN,
     VALUES,
     WHOLE,
     parse,
@@ -74,29 +76,56 @@ def object_values() -> tuple[str, ...]:
 
 
 def _moves_object(explanation: str) -> tuple[set[str], bool]:
-    """The attributes a formula names, and whether it speaks of places, objects or background (its
-    scenes then move the object through every cell and remove it)."""
+    """The attributes a formula names, and whether it speaks of places, objects, background or what
+    earlier patches show (its scenes then move the object through every cell and remove it)."""
     kinds = {parse(a)[0] for a in atoms(parse_formula(explanation))}
-    return kinds, bool(kinds & {*PLACES, *WHOLE})
+    return kinds, bool(kinds & {*PLACES, *WHOLE, *SEEN})
 
 
 def formula_axes(explanation: str) -> tuple[str, ...]:
     """The attributes a formula's controlled scenes vary together: those it names ("patch",
-    "object" and "background" move the object through every cell, "cell")."""
+    "object", "background" and the `SEEN` concepts move the object through every cell, "cell";
+    "seen_colour" varies the object's colour)."""
     return scene_axes(*_moves_object(explanation))
 
 
 def scene_axes(kinds, moves: bool) -> tuple[str, ...]:
-    """The object and scene attributes among `kinds`, in a fixed order, with "cell" when the object
-    is to move through every cell (`moves`)."""
+    """The object and scene attributes among `kinds` (a `SEEN` attribute stands for the object's:
+    "seen_colour" for "colour"), in a fixed order, with "cell" when the object is to move through
+    every cell (`moves`)."""
+    kinds = {k.removeprefix("seen_") if k in SEEN else k for k in kinds}
     return tuple(a for a in (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES) if a in kinds or (a == "cell" and moves))
 
 
 def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3000) -> list[Scene]:
     """Controlled scenes for a formula: from each base, every combination of values of the attributes
     it names (`formula_axes`), everything else held fixed, plus the base emptied when it speaks of
-    patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`."""
-    return axis_scenes(formula_axes(explanation), bases, _moves_object(explanation)[1], max_scenes)
+    patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`.
+    A formula of what earlier patches show (`SEEN`) also gets each scene with a second object read
+    after the varied one (`seen_scenes`)."""
+    kinds, moves = _moves_object(explanation)
+    return seen_scenes(formula_axes(explanation), bases, moves, max_scenes, bool(kinds & set(SEEN)))
+
+
+def seen_scenes(axes: Sequence[str], bases: Sequence[Scene], empty: bool, max_scenes: int = 3000,
+                seen: bool = True) -> list[Scene]:
+    """`axis_scenes`, and when `seen`, within the same budget, each of them again with the base's own
+    object added in the cell read last (row by row, as the zoo's language model reads its image
+    tokens): an object read after the varied one, so that "seen_colour=red AND object" can be tested."""
+    if not seen:
+        return axis_scenes(axes, bases, empty, max_scenes)
+    scenes = axis_scenes(axes, bases, empty, max_scenes // 2)
+    per = math.prod(len(VALUES[a]) for a in axes) + empty  # scenes per base
+    last = GRID * GRID - 1
+    return scenes + [read_after(s, bases[i // per], last) for i, s in enumerate(scenes)
+                     if s.objects and s.objects[0].cell != last]
+
+
+def read_after(scene: Scene, base: Scene, cell: int) -> Scene:
+    """`scene` with the base's object added in `cell`, at the same offset from its cell's centre."""
+    o = vary(base, "cell", str(cell)).objects[0]
+    return replace(scene, objects=(*scene.objects, o))
+
 
 
 def axis_scenes(axes: Sequence[str], bases: Sequence[Scene], empty: bool = False, max_scenes: int = 3000

@@ -21,8 +21,8 @@ import torch
 
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, parse_formula
-from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, SCENE_ATTRIBUTES, WHOLE, parse
-from vlmscope.methods.explain.controls import axis_scenes, base_scenes, scene_axes
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, SCENE_ATTRIBUTES, SEEN, WHOLE, parse
+from vlmscope.methods.explain.controls import base_scenes, scene_axes, seen_scenes
 from vlmscope.methods.explain.cover import cover_text, formula_size
 from vlmscope.methods.explain.verdicts import epsilon_squared, firing_threshold
 from vlmscope.methods.explain.verify import FeatureFn, patch_responses, verify
@@ -82,11 +82,18 @@ def read_attributes(explanation: str) -> list[str]:
     return out
 
 
+def _candidates(attrs: Sequence[str]) -> tuple[str, ...]:
+    """The attributes a reading may add: the object's, the patch's and the scene's, and what earlier
+    patches show when the explanation already speaks of it (a causal reader's feature)."""
+    return (*READ_ATTRIBUTES, *SEEN) if set(attrs) & set(SEEN) else READ_ATTRIBUTES
+
+
 def reading_scenes(attrs: Sequence[str], bases, max_scenes: int = 3000):
-    """Scenes varying `attrs` together: object and scene attributes through their values; "patch" and
-    "object" move the object through every cell and add the emptied scene."""
-    moves = bool({"patch", "object"} & set(attrs))
-    return axis_scenes(scene_axes(attrs, moves), bases, moves, max_scenes)
+    """Scenes varying `attrs` together: object and scene attributes through their values; "patch",
+    "object" and what earlier patches show (`SEEN`) move the object through every cell and add the
+    emptied scene; `SEEN` also adds an object read after it (`seen_scenes`)."""
+    moves = bool({"patch", "object", *SEEN} & set(attrs))
+    return seen_scenes(scene_axes(attrs, moves), bases, moves, max_scenes, bool(set(SEEN) & set(attrs)))
 
 
 def best_split(table: FiringTable, scenes, grid: tuple[int, int], candidates: Sequence[str],
@@ -132,7 +139,7 @@ def propose(features: FeatureFn, explanation: str, bases, ratios: Sequence[float
         if len(attrs) >= most:
             break
         extra = best_split(table, scenes, (maps.shape[1], maps.shape[2]),
-                           [a for a in READ_ATTRIBUTES if a not in attrs], min_gain)
+                           [a for a in _candidates(attrs) if a not in attrs], min_gain)
         if extra is None:
             break
         attrs = [*attrs, extra]

@@ -22,10 +22,11 @@ on the bases with the object moved through every cell and removed: "patch=k" mus
 both when it shows the object and when it shows background, and rarely at other patches;
 "background" at every background patch and rarely at the object's.
 
-A formula of concepts (compose.py: "(patch=0 OR patch=1) AND background") and "row=r" / "column=c"
-are judged patch by patch (`judge_formula`) on scenes that vary every attribute the formula names
-together (`formula_scenes`): the patches are grouped by their values of those attributes, and the
-formula holds when the feature fires on every group it includes and rarely on every group it excludes.
+A formula of concepts (compose.py: "(patch=0 OR patch=1) AND background"), "row=r" / "column=c"
+and what earlier patches show ("seen_colour=red", concepts.SEEN) are judged patch by patch
+(`judge_formula`) on scenes that vary every attribute the formula names together
+(`formula_scenes`): the patches are grouped by their values of those attributes, and the formula
+holds when the feature fires on every group it includes and rarely on every group it excludes.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from vlmscope.data import render
 from vlmscope.data.scene import Scene
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import is_compound
-from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, VALUES, parse
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, SEEN, VALUES, parse
 from vlmscope.methods.explain.controls import (  # noqa: F401  (re-exported: the loop's scenes)
     base_scenes,
     controlled_scenes,
@@ -195,7 +196,7 @@ def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int =
             raise InputError(f"{len(given)} {what} for {len(explanations)} explanations")
     bases = base_scenes(n_bases, seed)
     names = list(names) if names is not None else [str(i) for i in range(len(explanations))]
-    compound = [is_compound(e) or parse(e)[0] in ("row", "column") for e in explanations]  # read as formulas
+    compound = [is_compound(e) or parse(e)[0] in ("row", "column", *SEEN) for e in explanations]  # read as formulas
     kinds = {parse(e)[0] for e, c in zip(explanations, compound) if not c}
     needed = {a for a in kinds if a in VALUES and a not in PLACES}
     needed |= set(OBJECT_ATTRIBUTES) if "object" in kinds else set()

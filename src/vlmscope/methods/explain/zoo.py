@@ -16,7 +16,7 @@ import torch
 from vlmscope.data import DOMAINS
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, dissect_formulas, is_compound, mask_of, parse_formula
-from vlmscope.methods.explain.concepts import PLACES, all_concepts, concept_masks, parse
+from vlmscope.methods.explain.concepts import PLACES, SEEN, all_concepts, concept_masks, parse
 from vlmscope.methods.explain.neurons import (
     DomainNeurons,
     ModalityNeurons,
@@ -50,6 +50,17 @@ def patch_maps(vlm, images: Sequence[np.ndarray], site: str, encode: Callable[[t
     b, _ = sel.nonzero(as_tuple=True)
     out[b, pos.row[sel], pos.col[sel]] = feats.float().cpu()
     return out
+
+
+def reading_order(vlm, site: str, prompt: str = PROMPT) -> list[int]:
+    """The patch indices (row * cols + col) of one image in the order `site`'s stream holds its tokens."""
+    from vlmscope.data import render
+
+    x = vlm.prepare([render(truth.examples(0, 1)[0].scene)], [prompt])
+    pos = vlm.positions(x)[vlm.site(site).stream]
+    sel = (pos.row[0] >= 0) & (pos.image[0] <= 0)
+    cols = int(pos.col[0][sel].max()) + 1
+    return (pos.row[0][sel] * cols + pos.col[0][sel]).tolist()
 
 
 @dataclass(frozen=True, repr=False)
@@ -100,7 +111,8 @@ LEVELS = (0.1, 0.25, 0.4, 0.55)
 def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300, seed: int = 0,
                          quantile: float = 0.8, n_bases: int = 24, attributes: Sequence[str] = CONCEPTS,
                          min_iou: float = 0.5, length: int = 3,
-                         ratio: float | Sequence[float] | None = LEVELS) -> tuple[ExplainedFeatures, dict[str, float]]:
+                         ratio: float | Sequence[float] | None = LEVELS,
+                         seen: bool | None = None) -> tuple[ExplainedFeatures, dict[str, float]]:
     """Label the most frequent SAE latents at `site` by dissection on n zoo scenes with formulas of
     up to `length` concepts (compose.py; 1: single concepts, Bau et al.), those with an IoU >= min_iou
     get a label; score the labels by simulation, and test each label with the verification loop on
@@ -112,7 +124,10 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     it is dissected at; it is labelled at the one where its label fits best (`dissect_formulas`) and
     verified at that same share, so that both judge the same firing (a graded SAE latent, strong on
     one value and weak on its neighbours, is read where it is most concept-like). One share: that
-    one; None: its top `quantile` (Bau et al.), verified at the loop's own 0.25 of the peak."""
+    one; None: its top `quantile` (Bau et al.), verified at the loop's own 0.25 of the peak.
+    seen: add what earlier image tokens show (`concepts.SEEN`: "seen_shape=cross", "seen=none") to
+    the vocabulary; None: where the site is in the language model, which reads the image tokens in
+    order (pass False for a prefix LM whose image tokens see each other, as PaliGemma's)."""
     from vlmscope.data import render
 
     scenes = [e.scene for e in truth.examples(seed, n)]
@@ -122,7 +137,9 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     alive = int((freq > 0).sum())
     feats = freq.argsort(descending=True)[:min(n_features, alive)]
     fmaps = maps[..., feats].permute(3, 0, 1, 2)  # (feature, scene, rows, cols)
-    masks = concept_masks(scenes, tuple(maps.shape[1:3]), all_concepts(attributes))
+    seen = vlm.site(site).stream == "lm" if seen is None else seen
+    vocab = all_concepts((*attributes, *SEEN) if seen else attributes)
+    masks = concept_masks(scenes, tuple(maps.shape[1:3]), vocab, reading_order(vlm, site) if seen else None)
     names = [f"latent {int(f)}" for f in feats]
     dis = dissect_formulas(fmaps, masks, quantile, names, min_iou, length, ratio=ratio)
     labelled = [i for i, lab in enumerate(dis.labels) if lab]
