@@ -170,10 +170,29 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
         scores.update(textspan_scores)
         scores.update(_clip_domain_neurons(clip, folder, seed))
     scores.update(_explain_neurons_and_patchscope(vlm, folder, seed))
+    scores.update(_explain_lm_image_tokens(vlm, folder, seed))
     numeric = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     numeric["score"] = numeric.get("dissection / verification agreement", float("nan"))
     _write_scores(folder, {**scores, **numeric})
     return numeric
+
+
+def _explain_lm_image_tokens(vlm, folder: Path, seed: int) -> dict:
+    """The same SAE recipe at the language model's middle block, at image tokens, dissected with the
+    concepts of what earlier image tokens show (concepts.SEEN); scores prefixed "LM image tokens: "."""
+    from vlmscope.methods.explain.zoo import explain_sae_features
+
+    blocks = vlm.sites("lm.blocks.*.resid_post")
+    if not blocks:  # a dual encoder has no language model
+        return {}
+    site = blocks[len(blocks) // 2]
+    sae, _, _, _ = grounded.sae_concepts(vlm, site=site, seed=seed)
+    explained, scores = explain_sae_features(vlm, sae, site, n_features=50, n=200, seed=seed)
+    explained.save(folder / "features-lm")
+    keep = ("features examined", "features labelled", "verdict: holds", "agreement over all examined features",
+            "labels naming what earlier image tokens show", "of those, labels that hold",
+            "best-fitting such label that holds")
+    return {"LM image tokens: site": site} | {f"LM image tokens: {k}": scores[k] for k in keep if k in scores}
 
 
 def _clip_domain_neurons(clip, folder: Path, seed: int) -> dict:

@@ -317,6 +317,16 @@ def _explain_reading(sc: dict) -> str:
                  f"has flowed into the text; text neurons: "
                  f"{sc.get('text neurons: own/other hit, first block', nan):.0f}× and "
                  f"{sc.get('text neurons: own/other hit, last block', nan):.0f}×.")
+    if "LM image tokens: labels naming what earlier image tokens show" in sc:
+        lm = {k.removeprefix("LM image tokens: "): v for k, v in sc.items() if k.startswith("LM image tokens: ")}
+        text += (f" At the language model's image tokens ({lm.get('site', '?')}), an SAE of the same recipe: "
+                 f"{int(lm.get('features labelled', 0))} of {int(lm.get('features examined', 0))} latents labelled, "
+                 f"{int(lm.get('verdict: holds', 0))} hold ({lm.get('agreement over all examined features', nan):.2f} "
+                 f"of all examined). {int(lm['labels naming what earlier image tokens show'])} labels need the "
+                 "concepts of what earlier image tokens show (the LM reads the image row by row, each token "
+                 f"attending to those before it), and {int(lm.get('of those, labels that hold', 0))} of them hold"
+                 + (f", e.g. {lm['best-fitting such label that holds']}" if "best-fitting such label that holds" in lm
+                    else "") + ": the LM's state at a patch carries the objects read before it.")
     if "patchscope colour: blank image" in sc:
         last = [k for k in sc if k.startswith("patchscope colour: accuracy at lm.blocks.")][-1]
         text += (" Patchscopes (Ghandeharioun et al. 2024): an object's image-token state moved into a blank image "

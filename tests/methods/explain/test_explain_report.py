@@ -27,6 +27,12 @@ SCORES = {
     "patchscope colour: accuracy at lm.blocks.0.resid_post": 1.0,
     "patchscope shape: accuracy at lm.blocks.0.resid_post": 0.975,
     "patchscope colour: accuracy at lm.blocks.3.resid_post": 0.18, "patchscope colour: blank image": 0.18,
+    "LM image tokens: site": "lm.blocks.2.resid_post", "LM image tokens: features examined": 32,
+    "LM image tokens: features labelled": 22, "LM image tokens: verdict: holds": 15,
+    "LM image tokens: agreement over all examined features": 0.47,
+    "LM image tokens: labels naming what earlier image tokens show": 5,
+    "LM image tokens: of those, labels that hold": 2,
+    "LM image tokens: best-fitting such label that holds": "seen=none AND NOT column=0 AND background (IoU 1.00)",
 }
 
 
@@ -48,3 +54,6 @@ def test_explain_rows_and_reading(tmp_path):
     assert "the neurons specific to textured (2 neurons) 59.6× hit" in page  # shapes-clip's, apart
     assert rows["domain-specific neurons (MMNeuron) of shapes-clip"]["verdict"] == "trustworthy here"
     assert "accuracy 1.00 from the first LM block and 0.18" in page
+    assert ("(lm.blocks.2.resid_post), an SAE of the same recipe: 22 of 32 latents labelled, 15 hold (0.47 of all "
+            "examined). 5 labels need the concepts of what earlier image tokens show") in page
+    assert "2 of them hold, e.g. seen=none AND NOT column=0 AND background (IoU 1.00)" in page

@@ -248,6 +248,9 @@ def test_lm_image_tokens_carry_what_was_read_before_them(zoo):
     held = {lab: iou for lab, (iou, v) in seen.items() if v == "holds"}
     assert len(held) >= 2 and max(held.values()) >= 0.99, seen
     assert any("seen=none" in lab for lab in held)
+    assert scores["labels naming what earlier image tokens show"] == len(seen)
+    assert scores["of those, labels that hold"] == len(held)
+    assert scores["best-fitting such label that holds"].endswith(f"(IoU {max(held.values()):.2f})")
     plain, plain_scores = explain_sae_features(zoo, sae, site, n_features=50, seen=False)  # patch concepts only
     assert not any("seen" in lab for lab in plain.labels)
     assert plain_scores["features labelled"] < scores["features labelled"]

@@ -175,6 +175,14 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     for kind in ("patch", "row", "column", "object", "background", "cell", "colour", "shape", "size", "tone"):
         scores[f"labels naming {kind}"] = sum(kind in k for k in kinds)
     scores["labels naming a position (patch, row or column)"] = sum(bool(k & set(PLACES)) for k in kinds)
+    if seen:
+        told = [bool(k & set(SEEN)) for k in kinds]
+        scores["labels naming what earlier image tokens show"] = sum(told)
+        scores["of those, labels that hold"] = sum(t and c.verdict == "holds" for t, c in zip(told, checks))
+        best = max(((float(res.iou[i]), lab) for i, lab in enumerate(labels)
+                    if told[i] and checks[i].verdict == "holds"), default=None)
+        if best:
+            scores["best-fitting such label that holds"] = f"{best[1]} (IoU {best[0]:.2f})"
     return res, scores
 
 
