@@ -259,3 +259,20 @@ def test_lm_image_tokens_carry_what_was_read_before_them(zoo):
     for i, lab in enumerate(res.labels):  # those the seen concepts name best, the patch concepts name worse or not
         if lab in held:
             assert best.get(int(res.features[i]), 0.0) < float(res.iou[i]) - 0.1, (lab, best.get(int(res.features[i])))
+
+
+def test_seen_concepts_need_a_row_by_row_reader(zoo, monkeypatch):
+    """The verification loop's scenes for what earlier tokens show put the later object in the last
+    cell of a row-by-row reading: another reading order is refused, naming it and the way out."""
+    import vlmscope.methods.explain.zoo as Z
+
+    monkeypatch.setattr(Z, "reading_order", lambda vlm, site: list(range(8, -1, -1)))
+    sae = S.build_sae(S.SAEConfig("topk", zoo.model.config.text_config.hidden_size, 8, k=2, site="x"))
+    with pytest.raises(InputError, match=r"order \[8, 7, .*pass seen=False"):
+        explain_sae_features(zoo, sae, "lm.blocks.1.resid_post", n_features=4, n=10)
+    with pytest.raises(InputError, match="no latent of the SAE fires at lm.blocks.1.resid_post"):  # all-zero weights
+        explain_sae_features(zoo, sae, "lm.blocks.1.resid_post", n_features=4, n=10, seen=False)
+    sae.init_weights(torch.Generator().manual_seed(0))
+    res, _ = explain_sae_features(zoo, sae.eval(), "lm.blocks.1.resid_post", n_features=4, n=10, n_bases=4,
+                                  seen=False)
+    assert res.examined == 4

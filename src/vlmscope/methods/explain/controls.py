@@ -127,7 +127,6 @@ def read_after(scene: Scene, base: Scene, cell: int) -> Scene:
     return replace(scene, objects=(*scene.objects, o))
 
 
-
 def axis_scenes(axes: Sequence[str], bases: Sequence[Scene], empty: bool = False, max_scenes: int = 3000
                 ) -> list[Scene]:
     """From each base, every combination of values of the object and scene attributes `axes`, then the

@@ -130,16 +130,21 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     order (pass False for a prefix LM whose image tokens see each other, as PaliGemma's)."""
     from vlmscope.data import render
 
+    seen = vlm.site(site).stream == "lm" if seen is None else seen
+    if seen and (order := reading_order(vlm, site)) != sorted(order):
+        raise InputError(f"{site} reads the image's patches in the order {order}; the verification loop's "
+                         "scenes for what earlier tokens show assume row by row: pass seen=False")
     scenes = [e.scene for e in truth.examples(seed, n)]
     maps = torch.cat([patch_maps(vlm, [render(s) for s in scenes[i:i + 100]], site, sae.encode)
                       for i in range(0, n, 100)])  # (scene, rows, cols, d_sae)
     freq = (maps > 0).float().mean((0, 1, 2))
     alive = int((freq > 0).sum())
+    if not alive:
+        raise InputError(f"no latent of the SAE fires at {site} on {n} scenes: nothing to explain")
     feats = freq.argsort(descending=True)[:min(n_features, alive)]
     fmaps = maps[..., feats].permute(3, 0, 1, 2)  # (feature, scene, rows, cols)
-    seen = vlm.site(site).stream == "lm" if seen is None else seen
     vocab = all_concepts((*attributes, *SEEN) if seen else attributes)
-    masks = concept_masks(scenes, tuple(maps.shape[1:3]), vocab, reading_order(vlm, site) if seen else None)
+    masks = concept_masks(scenes, tuple(maps.shape[1:3]), vocab)
     names = [f"latent {int(f)}" for f in feats]
     dis = dissect_formulas(fmaps, masks, quantile, names, min_iou, length, ratio=ratio)
     labelled = [i for i, lab in enumerate(dis.labels) if lab]
