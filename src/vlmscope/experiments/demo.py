@@ -135,7 +135,7 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.data import COLOURS, FAMILIES, SHAPES
     from vlmscope.data.vocab import answer_words
     from vlmscope.methods.explain.word_match import neuron_directions, vlm_word_match
-    from vlmscope.methods.explain.zoo import explain_sae_features
+    from vlmscope.methods.explain.zoo_features import explain_sae_features
 
     folder = out / "explain"
     folder.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
 def _explain_lm_image_tokens(vlm, folder: Path, seed: int) -> dict:
     """The same SAE recipe at the language model's middle block, at image tokens, dissected with the
     concepts of what earlier image tokens show (concepts.SEEN); scores prefixed "LM image tokens: "."""
-    from vlmscope.methods.explain.zoo import explain_sae_features
+    from vlmscope.methods.explain.zoo_features import explain_sae_features
 
     blocks = vlm.sites("lm.blocks.*.resid_post")
     if not blocks:  # a dual encoder has no language model

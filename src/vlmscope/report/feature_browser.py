@@ -16,7 +16,7 @@ import torch
 
 from vlmscope.methods.explain.concepts import all_concepts, concept_masks
 from vlmscope.methods.explain.describe import dissect
-from vlmscope.methods.explain.zoo import patch_maps
+from vlmscope.methods.explain.zoo_features import patch_maps
 
 SCENE_SEEDS = tuple(range(1000, 1048))  # the scenes features are ranked and shown on
 ATTRIBUTES = ("colour", "shape", "size", "cell")  # patch-level concepts the labels may name

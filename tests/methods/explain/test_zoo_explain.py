@@ -12,13 +12,8 @@ from vlmscope.errors import InputError
 from vlmscope.methods import sae as S
 from vlmscope.methods.explain.cli import add_parser
 from vlmscope.methods.explain.compose import parse_formula
-from vlmscope.methods.explain.zoo import (
-    explain_sae_features,
-    patch_maps,
-    refine_explained,
-    zoo_domain_neurons,
-    zoo_modality_neurons,
-)
+from vlmscope.methods.explain.zoo import zoo_domain_neurons, zoo_modality_neurons
+from vlmscope.methods.explain.zoo_features import explain_sae_features, patch_maps, refine_explained
 from vlmscope.methods.explain.zoo_patchscope import PatchscopeAccuracy, zoo_patchscope
 from vlmscope.results import Result
 
@@ -50,7 +45,7 @@ def test_dissection_and_verification_on_the_experiments_sae(zoo, tmp_path):
     concepts (length 1) give 20 labelled, 10 holding: the formulas name what single concepts could
     not (a row or column's background; a row but its middle; blue or purple)."""
     from vlmscope.experiments import grounded
-    from vlmscope.methods.explain.zoo import LEVELS
+    from vlmscope.methods.explain.zoo_features import LEVELS
 
     sae, _, _, s = grounded.sae_concepts(zoo, seed=0)
     res, scores = explain_sae_features(zoo, sae, s["site"], n_features=50)
@@ -238,7 +233,7 @@ def test_lm_image_tokens_carry_what_was_read_before_them(zoo):
     patch concepts found `(patch=1 OR patch=2) AND background` (0.52, does not hold); 22 of 32
     labelled and 15 hold, against 21 and 13."""
     from vlmscope.experiments import grounded
-    from vlmscope.methods.explain.zoo import reading_order
+    from vlmscope.methods.explain.zoo_features import reading_order
 
     site = "lm.blocks.2.resid_post"
     assert reading_order(zoo, site) == list(range(9))
@@ -264,7 +259,7 @@ def test_lm_image_tokens_carry_what_was_read_before_them(zoo):
 def test_seen_concepts_need_a_row_by_row_reader(zoo, monkeypatch):
     """The verification loop's scenes for what earlier tokens show put the later object in the last
     cell of a row-by-row reading: another reading order is refused, naming it and the way out."""
-    import vlmscope.methods.explain.zoo as Z
+    import vlmscope.methods.explain.zoo_features as Z
 
     monkeypatch.setattr(Z, "reading_order", lambda vlm, site: list(range(8, -1, -1)))
     sae = S.build_sae(S.SAEConfig("topk", zoo.model.config.text_config.hidden_size, 8, k=2, site="x"))

@@ -58,7 +58,8 @@ from vlmscope.methods.explain.verify import (
     verify_many,
 )
 from vlmscope.methods.explain.word_match import WordMatch, neuron_directions, vlm_word_match, word_match
-from vlmscope.methods.explain.zoo import ExplainedFeatures, zoo_domain_neurons, zoo_modality_neurons
+from vlmscope.methods.explain.zoo import zoo_domain_neurons, zoo_modality_neurons
+from vlmscope.methods.explain.zoo_features import ExplainedFeatures
 from vlmscope.methods.explain.zoo_patchscope import PatchscopeAccuracy, zoo_patchscope
 from vlmscope.methods.explain.zoo_textspan import AttributeHeads, zoo_textspan
 

@@ -34,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     f.add_argument("--length", type=int, default=3,
                    help="longest label formula in concepts (Mu & Andreas); 1: single concepts (Bau et al.)")
     f.add_argument("--levels", default=None,
-                   help="shares of its peak each feature is dissected at (default explain.zoo.LEVELS: 0.1,0.25,0.4,"
+                   help="shares of its peak each feature is dissected at (default zoo_features.LEVELS: 0.1,0.25,0.4,"
                    "0.55); it is labelled at the one its label fits best and verified there. 'quantile': its top "
                    "20%% of patches instead (Bau et al.)")
     f.add_argument("--seen", choices=["auto", "on", "off"], default="auto",
@@ -111,7 +111,7 @@ def _save(result, out: str | None, name: str) -> None:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from vlmscope.methods.explain.zoo import explain_sae_features
+    from vlmscope.methods.explain.zoo_features import explain_sae_features
     from vlmscope.methods.sae import load_sae
 
     m, sae = _model(args.model), load_sae(args.sae)
@@ -123,7 +123,7 @@ def cmd_features(args: argparse.Namespace) -> int:
                                        **levels)
     print(res.to_dataframe().to_string(index=False))
     if args.refine:
-        from vlmscope.methods.explain.zoo import refine_explained
+        from vlmscope.methods.explain.zoo_features import refine_explained
 
         refined, more = refine_explained(m, sae, res, rounds=args.refine, seed=args.seed)
         for r in refined:
@@ -194,7 +194,7 @@ def cmd_patchscope(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from vlmscope.methods.explain.compose import parse_formula
     from vlmscope.methods.explain.verify import verify
-    from vlmscope.methods.explain.zoo import patch_maps
+    from vlmscope.methods.explain.zoo_features import patch_maps
     from vlmscope.methods.sae import load_sae
 
     parse_formula(args.explanation)  # clear errors before any model is loaded
