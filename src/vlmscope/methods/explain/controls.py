@@ -103,8 +103,17 @@ def formula_scenes(explanation: str, bases: Sequence[Scene], max_scenes: int = 3
     patches, objects or background; only as many bases (at least 8) as keep it under `max_scenes`.
     A formula of what earlier patches show (`SEEN`) also gets each scene with a second object read
     after the varied one (`seen_scenes`)."""
-    kinds, moves = _moves_object(explanation)
-    return seen_scenes(formula_axes(explanation), bases, moves, max_scenes, bool(kinds & set(SEEN)))
+    return kind_scenes(_moves_object(explanation)[0], bases, max_scenes)
+
+
+def kind_scenes(kinds, bases: Sequence[Scene], max_scenes: int = 3000) -> list[Scene]:
+    """The controlled scenes for the attribute kinds `kinds` (a formula's, or those a reading adds):
+    their values varied together; the object moved through every cell and removed when they speak
+    of places, objects, background or what earlier patches show; an object read after it for the
+    last (`seen_scenes`)."""
+    kinds = set(kinds)
+    moves = bool(kinds & {*PLACES, *WHOLE, *SEEN})
+    return seen_scenes(scene_axes(kinds, moves), bases, moves, max_scenes, bool(kinds & set(SEEN)))
 
 
 def seen_scenes(axes: Sequence[str], bases: Sequence[Scene], empty: bool, max_scenes: int = 3000,

@@ -22,7 +22,7 @@ import torch
 from vlmscope.errors import InputError
 from vlmscope.methods.explain.compose import atoms, parse_formula
 from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, PLACES, SCENE_ATTRIBUTES, SEEN, WHOLE, parse
-from vlmscope.methods.explain.controls import base_scenes, scene_axes, seen_scenes
+from vlmscope.methods.explain.controls import base_scenes, kind_scenes
 from vlmscope.methods.explain.cover import cover_text, formula_size
 from vlmscope.methods.explain.verdicts import epsilon_squared, firing_threshold
 from vlmscope.methods.explain.verify import FeatureFn, patch_responses, verify
@@ -88,14 +88,6 @@ def _candidates(attrs: Sequence[str]) -> tuple[str, ...]:
     return (*READ_ATTRIBUTES, *SEEN) if set(attrs) & set(SEEN) else READ_ATTRIBUTES
 
 
-def reading_scenes(attrs: Sequence[str], bases, max_scenes: int = 3000):
-    """Scenes varying `attrs` together: object and scene attributes through their values; "patch",
-    "object" and what earlier patches show (`SEEN`) move the object through every cell and add the
-    emptied scene; `SEEN` also adds an object read after it (`seen_scenes`)."""
-    moves = bool({"patch", "object", *SEEN} & set(attrs))
-    return seen_scenes(scene_axes(attrs, moves), bases, moves, max_scenes, bool(set(SEEN) & set(attrs)))
-
-
 def best_split(table: FiringTable, scenes, grid: tuple[int, int], candidates: Sequence[str],
                min_gain: float = 0.05) -> str | None:
     """The attribute that, joined to the table's, explains most more of where the feature fires
@@ -133,7 +125,7 @@ def propose(features: FeatureFn, explanation: str, bases, ratios: Sequence[float
     attrs = read_attributes(explanation)
     most = len(attrs) + max_extra
     while True:
-        scenes = reading_scenes(attrs, bases, max_scenes)
+        scenes = kind_scenes(attrs, bases, max_scenes)
         maps = patch_responses(features, scenes)
         table, ratio = decisive_table(maps, scenes, attrs, ratios)
         if len(attrs) >= most:
