@@ -113,3 +113,16 @@ def test_planted_features_of_what_was_read_before_are_named_and_verified():
     assert r.verdicts == ("does not hold", "holds") and r.final == "background AND seen_colour=red"
     assert verify(_background_after_red, "seen_colour=red AND background AND seen_shape=circle",
                   n_bases=8).verdict == "too broad"
+
+
+def test_formulas_with_the_same_axes_keep_their_own_scenes():
+    """"object AND column=2" and "seen=object AND object" vary the same attribute (the cell), but only the
+    second needs an object read after the varied one: verified together, each gets its own scenes."""
+    from vlmscope.methods.explain.verify import formula_key, verify_many
+
+    assert formula_key("object AND column=2") == (("cell",), False)
+    assert formula_key("seen=object AND object") == (("cell",), True)
+    both = verify_many(lambda images: torch.stack([_objects(images).float().view(-1, 3, 3),
+                                                   _object_after_object(images)], -1),
+                       ["object AND column=2", "seen=object AND object"], n_bases=8)
+    assert [v.verdict for v in both] == ["too broad", "holds"]

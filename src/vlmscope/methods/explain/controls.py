@@ -89,6 +89,14 @@ def formula_axes(explanation: str) -> tuple[str, ...]:
     return scene_axes(*_moves_object(explanation))
 
 
+def formula_key(explanation: str) -> tuple[tuple[str, ...], bool]:
+    """What fixes a formula's controlled scenes (`formula_scenes`): the attributes varied together, and
+    whether an object is read after the varied one (it names a `SEEN` concept). Formulas with one key
+    can share their scenes; "colour=red AND column=1" and "colour=red AND seen_colour=green" cannot."""
+    kinds, moves = _moves_object(explanation)
+    return scene_axes(kinds, moves), bool(kinds & set(SEEN))
+
+
 def scene_axes(kinds, moves: bool) -> tuple[str, ...]:
     """The object and scene attributes among `kinds` (a `SEEN` attribute stands for the object's:
     "seen_colour" for "colour"), in a fixed order, with "cell" when the object is to move through

@@ -46,6 +46,7 @@ from vlmscope.methods.explain.controls import (  # noqa: F401  (re-exported: the
     controlled_scenes,
     empty_scenes,
     formula_axes,
+    formula_key,
     formula_scenes,
     object_values,
     patch_variants,
@@ -205,7 +206,7 @@ def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int =
         sets["patch"] = patch_variants(bases)
     for e, c in zip(explanations, compound):
         if c:
-            sets.setdefault(formula_axes(e), formula_scenes(e, bases))
+            sets.setdefault(formula_key(e), formula_scenes(e, bases))
     if "object" in kinds:
         sets["empty"] = empty_scenes(bases)
 
@@ -224,7 +225,7 @@ def verify_many(features: FeatureFn, explanations: Sequence[str], n_bases: int =
         if ratios is not None:
             judge_kwargs["ratio"] = float(ratios[i])
         if c:
-            key = formula_axes(e)
+            key = formula_key(e)
             out.append(judge_formula(_column(i, grids[key]), sets[key], e, n, **judge_kwargs))
         elif attr == "object":
             r = torch.cat([_column(i, peak[a]) for a in OBJECT_ATTRIBUTES], 1)  # (base, value)
