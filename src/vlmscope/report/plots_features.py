@@ -286,3 +286,41 @@ def explained_features(r, ax=None):
     ax.set_title(f"{r.site}: agreement {r.agreement:.2f}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+@plotter("tuning_curves")
+def tuning_curves(r, features=None, ax=None):
+    """One row of bar charts per feature (`features`: their indices, default all), one panel per
+    attribute: the mean response to each value, titled with the attribute's share of the variance."""
+    from vlmscope.methods.explain.concepts import VALUES
+
+    rows = list(range(len(r.features))) if features is None else list(features)
+    fig, axes = plt.subplots(len(rows), len(r.attributes), squeeze=False,
+                             figsize=(2.2 * len(r.attributes), 1.8 * len(rows)))
+    for k, i in enumerate(rows):
+        for j, a in enumerate(r.attributes):
+            ax = axes[k, j]
+            ax.bar(range(len(VALUES[a])), r.curve(i, a).numpy(), color="tab:blue")
+            ax.set_xticks(range(len(VALUES[a])), VALUES[a], rotation=90, fontsize=6)
+            ax.set_title(f"{a} {float(r.share[i, j]):.0%}", fontsize=7)
+            ax.tick_params(axis="y", labelsize=6)
+        axes[k, 0].set_ylabel(r.features[i], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+@plotter("tuning_verification")
+def tuning_verification(r, ax=None):
+    """Each tuning explanation, coloured by its verdict on fresh scenes."""
+    fig, ax = _axes(ax, (9, 0.8 + 0.3 * len(r.features)))
+    ax.axis("off")
+    n = max(len(r.features), 1)
+    colours = {"holds": "tab:green", "incomplete": "tab:purple", "does not hold": "tab:red"}
+    for i, (f, e, v) in enumerate(zip(r.features, r.explanations, r.verdicts)):
+        text = textwrap.shorten(e or "(no attribute matters)", 120, placeholder=" ...")
+        ax.text(0, 1 - (i + 0.5) / n, f"{f}: {text}  [{v}]", color=colours.get(v, "black"), fontsize=7,
+                va="center", transform=ax.transAxes)
+    held = sum(v == "holds" for v in r.verdicts)
+    ax.set_title(f"tuning curves: {held} of {len(r.verdicts)} hold on fresh scenes", fontsize=9)
+    fig.tight_layout()
+    return fig

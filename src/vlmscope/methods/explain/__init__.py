@@ -7,6 +7,7 @@ the explanation is (see docs/explain.md).
     explain.verify(feature_fn, "colour=red")                  # holds / too broad / too narrow
     explain.dissect_formulas(maps, masks)                     # labels such as "patch=4 AND background"
     explain.refine(feature_fn, "colour=red")                  # verify, read the firing, propose, verify again
+    explain.explain_tuning(feature_fn)                        # graded: "colour 62%: red 1.00 > orange 0.83 > ..."
 """
 
 from vlmscope.methods.explain.compose import (
@@ -47,6 +48,15 @@ from vlmscope.methods.explain.textspan import (
     head_contributions,
     textspan,
 )
+from vlmscope.methods.explain.tuning import (
+    TuningCurves,
+    TuningVerification,
+    explain_tuning,
+    parse_tuning,
+    score_tuning,
+    tuning_curves,
+    verify_tuning,
+)
 from vlmscope.methods.explain.verify import (
     Verification,
     formula_scenes,
@@ -68,10 +78,12 @@ __all__ = [
     "FormulaDissection", "beam_search", "dissect_formulas", "evaluate", "formula_scenes", "judge_formula", "mask_of",
     "parse_formula", "Refinement", "cover_text", "refine",
     "HeadAblation", "HeadContributions", "LLMDescription", "ModalityNeurons", "PatchscopeAccuracy", "PatchscopeResult",
-    "SpliceResult", "TextSpanResult", "Verification", "WordMatch", "all_concepts", "concept_masks", "correlation",
+    "SpliceResult", "TextSpanResult", "TuningCurves", "TuningVerification", "Verification", "WordMatch",
+    "all_concepts", "concept_masks", "correlation",
     "deactivate", "describe_with_llm", "dissect", "domain_neurons", "head_ablation", "head_contributions",
     "hidden_change", "judge", "judge_object", "judge_patch", "llm_messages", "modality_deactivation",
     "modality_neurons", "neuron_directions", "nonneg_lasso", "parse", "patchscope", "patchscope_inputs",
-    "patchscope_logits", "score_explanations", "splice", "splice_decompose", "textspan", "verify", "verify_many",
+    "patchscope_logits", "score_explanations", "explain_tuning", "parse_tuning", "score_tuning", "tuning_curves",
+    "verify_tuning", "splice", "splice_decompose", "textspan", "verify", "verify_many",
     "vlm_word_match", "word_match", "zoo_domain_neurons", "zoo_modality_neurons", "zoo_patchscope", "zoo_textspan",
 ]

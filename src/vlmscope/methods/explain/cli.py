@@ -1,4 +1,4 @@
-"""`vlmscope explain features | neurons | modality | textspan | patchscope | words`: automated
+"""`vlmscope explain features | neurons | modality | textspan | patchscope | verify | tuning | words`: automated
 explanation from the command line.
 
     vlmscope explain features --model shapes-llava --sae DIR --site connector.out --out OUT
@@ -7,6 +7,7 @@ explanation from the command line.
     vlmscope explain textspan --model shapes-clip
     vlmscope explain patchscope --model shapes-llava
     vlmscope explain words --model shapes-llava --sae DIR --feature 3 --feature 7
+    vlmscope explain tuning --model shapes-llava --sae DIR --feature 58 --feature 44
 
 Results are saved as result folders under --out (`vlmscope report` draws them); a summary is
 printed. Everything runs offline; `--llm-url` (off by default) sends each feature's evidence to an
@@ -42,6 +43,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         "language-model sites, which read the image tokens in order")
     f.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                    help="refine every label that does not hold, up to ROUNDS times (refine.py; default 0: off)")
+    f.add_argument("--tuning", action="store_true",
+                   help="also describe each examined latent by its tuning curves (tuning.py), verify and score them, "
+                        "and count the latents a label or their curves explain")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--llm-url", default=None, help="OpenAI-compatible endpoint for an LLM description (off)")
     f.add_argument("--llm-model", default="gpt-4o-mini")
@@ -89,6 +93,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_verify)
+    t = sub.add_parser("tuning", help="tuning curves of SAE latents: what graded features respond to, and how much")
+    t.add_argument("--model", default="shapes-llava", help="zoo name or local folder")
+    t.add_argument("--sae", required=True, help="an SAE folder (save_sae / SAELens)")
+    t.add_argument("--site", default=None, help="default: the SAE's own site")
+    t.add_argument("--feature", type=int, action="append", default=None,
+                   help="a latent to describe (repeat the flag); default: the --n-features most frequent")
+    t.add_argument("--n-features", type=int, default=50)
+    t.add_argument("--bases", type=int, default=24, help="preferred single-object scenes each latent is varied around")
+    t.add_argument("--min-share", type=float, default=0.1,
+                   help="share of the response's variance an attribute must explain to be named")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None)
+    t.set_defaults(func=cmd_tuning)
     w = sub.add_parser("words", help="vocabulary words aligned with SAE decoder rows")
     w.add_argument("--model", default="shapes-llava")
     w.add_argument("--sae", required=True)
@@ -130,6 +147,15 @@ def cmd_features(args: argparse.Namespace) -> int:
             print(r)
             _save(r, args.out, f"refinement-{r.feature.replace(' ', '-')}")
         scores |= more
+    if args.tuning:
+        from vlmscope.methods.explain.zoo_features import tune_sae_features
+
+        curves, checks, more = tune_sae_features(m, sae, site, n_features=args.n_features, n=args.examples,
+                                                 seed=args.seed, explained=res)
+        print(checks.to_dataframe().to_string(index=False))
+        scores |= more
+        _save(curves, args.out, "tuning_curves")
+        _save(checks, args.out, "tuning_verification")
     print(json.dumps(scores, indent=1))
     _save(res, args.out, "explained_features")
     if args.llm_url:
@@ -221,6 +247,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(res.to_dataframe().to_string(index=False))
     _save(res, args.out, "verification")
     return 0
+
+
+def cmd_tuning(args: argparse.Namespace) -> int:
+    from vlmscope.methods.explain.zoo_features import tune_sae_features
+    from vlmscope.methods.sae import load_sae
+
+    m, sae = _model(args.model), load_sae(args.sae)
+    curves, checks, scores = tune_sae_features(m, sae, args.site or sae.cfg.site, features=args.feature,
+                                               n_features=args.n_features, seed=args.seed, n_bases=args.bases,
+                                               min_share=args.min_share)
+    for f, e, v, d in zip(checks.features, checks.explanations, checks.verdicts, checks.details):
+        print(f"{f}: {e or '(no attribute matters)'}  [{v}{'; ' + d if d else ''}]")
+    return _show(scores, args.out, {"tuning_curves": curves, "tuning_verification": checks})
 
 
 def _floats(text: str, flag: str = "--ratios") -> tuple[float, ...]:

@@ -99,6 +99,21 @@ CONCEPTS = ("colour", "shape", "size", "cell", "patch", "row", "column", "object
 LEVELS = (0.1, 0.25, 0.4, 0.55)
 
 
+def frequent_latents(vlm, sae, site: str, n_features: int = 50, n: int = 300, seed: int = 0):
+    """The `n_features` latents that fire on most patches of n zoo scenes (seed), most frequent first:
+    (latents (feature,), maps (scene, rows, cols, d_sae), scenes)."""
+    from vlmscope.data import render
+
+    scenes = [e.scene for e in truth.examples(seed, n)]
+    maps = torch.cat([patch_maps(vlm, [render(s) for s in scenes[i:i + 100]], site, sae.encode)
+                      for i in range(0, n, 100)])  # (scene, rows, cols, d_sae)
+    freq = (maps > 0).float().mean((0, 1, 2))
+    alive = int((freq > 0).sum())
+    if not alive:
+        raise InputError(f"no latent of the SAE fires at {site} on {n} scenes: nothing to explain")
+    return freq.argsort(descending=True)[:min(n_features, alive)], maps, scenes
+
+
 def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300, seed: int = 0,
                          quantile: float = 0.8, n_bases: int = 24, attributes: Sequence[str] = CONCEPTS,
                          min_iou: float = 0.5, length: int = 3,
@@ -119,20 +134,11 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     seen: add what earlier image tokens show (`concepts.SEEN`: "seen_shape=cross", "seen=none") to
     the vocabulary; None: where the site is in the language model, which reads the image tokens in
     order (pass False for a prefix LM whose image tokens see each other, as PaliGemma's)."""
-    from vlmscope.data import render
-
     seen = vlm.site(site).stream == "lm" if seen is None else seen
     if seen and (order := reading_order(vlm, site)) != sorted(order):
         raise InputError(f"{site} reads the image's patches in the order {order}; the verification loop's "
                          "scenes for what earlier tokens show assume row by row: pass seen=False")
-    scenes = [e.scene for e in truth.examples(seed, n)]
-    maps = torch.cat([patch_maps(vlm, [render(s) for s in scenes[i:i + 100]], site, sae.encode)
-                      for i in range(0, n, 100)])  # (scene, rows, cols, d_sae)
-    freq = (maps > 0).float().mean((0, 1, 2))
-    alive = int((freq > 0).sum())
-    if not alive:
-        raise InputError(f"no latent of the SAE fires at {site} on {n} scenes: nothing to explain")
-    feats = freq.argsort(descending=True)[:min(n_features, alive)]
+    feats, maps, scenes = frequent_latents(vlm, sae, site, n_features, n, seed)
     fmaps = maps[..., feats].permute(3, 0, 1, 2)  # (feature, scene, rows, cols)
     vocab = all_concepts((*attributes, *SEEN) if seen else attributes)
     masks = concept_masks(scenes, tuple(maps.shape[1:3]), vocab)
@@ -208,6 +214,43 @@ def refine_explained(vlm, sae, explained: ExplainedFeatures, rounds: int = 3, n_
               "agreement after refinement": (held + fixed) / max(len(explained.verdicts), 1),
               "agreement after refinement, over all examined": (held + fixed) / max(explained.examined, 1)}
     return out, scores
+
+
+def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None, n_features: int = 50,
+                      n: int = 300, seed: int = 0, n_bases: int = 24, min_share: float = 0.1,
+                      explained: ExplainedFeatures | None = None):
+    """Tuning curves (tuning.py) of SAE latents at `site`: the given `features`, or the `n_features`
+    most frequent on n zoo scenes (as `explain_sae_features` examines them), each described,
+    verified on fresh bases and scored by simulation. With `explained` (the same latents' dissection),
+    the scores also count the latents that a categorical label or their curves explain.
+    Returns (TuningCurves, TuningVerification, scores)."""
+    from vlmscope.methods.explain.tuning import explain_tuning
+
+    if features is None:
+        feats = frequent_latents(vlm, sae, site, n_features, n, seed)[0].tolist()
+    else:
+        feats = [int(f) for f in features]
+        if bad := [f for f in feats if not 0 <= f < sae.cfg.d_sae]:
+            raise InputError(f"latents {bad} are not in this SAE (0..{sae.cfg.d_sae - 1})")
+
+    def latents(images):
+        return patch_maps(vlm, images, site, sae.encode)[..., feats]
+
+    curves, checks, sim = explain_tuning(latents, n_bases, seed, [f"latent {f}" for f in feats], min_share)
+    held = [v == "holds" for v in checks.verdicts]
+    scores = {"features tuned": len(feats), "with a tuning explanation": sum(bool(e) for e in checks.explanations),
+              "tuning explanations that hold": sum(held),
+              "tuning explanations incomplete": sum(v == "incomplete" for v in checks.verdicts),
+              "mean simulation correlation (tuning)": float(sim.nanmean()),
+              "median simulation correlation (tuning)": float(sim.nanmedian())}
+    if explained is not None:
+        label_holds = {int(f) for f, v in zip(explained.features.tolist(), explained.verdicts) if v == "holds"}
+        either = [f in label_holds or h for f, h in zip(feats, held)]
+        scores |= {"examined: a label or tuning curves hold": sum(either),
+                   "examined: tuning curves hold where no label does": sum(h and f not in label_holds
+                                                                           for f, h in zip(feats, held)),
+                   "share of examined explained either way": sum(either) / max(len(feats), 1)}
+    return curves, checks, scores
 
 
 def chance_iou(maps: torch.Tensor, masks: dict[str, torch.Tensor], threshold: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""Tuning curves of the demo's SAE on shapes-llava, checked against dissection's labels where those
+hold, and the command line (skipped when no zoo model is shipped)."""
+
+import argparse
+import json
+
+import pytest
+
+import vlmscope.zoo
+from vlmscope.experiments import grounded
+from vlmscope.methods.explain.cli import add_parser
+from vlmscope.methods.explain.tuning import TuningCurves, TuningVerification, parse_tuning
+from vlmscope.methods.explain.zoo_features import explain_sae_features, tune_sae_features
+from vlmscope.results import Result
+
+pytestmark = pytest.mark.skipif("shapes-llava" not in vlmscope.zoo.names(), reason="no shapes-llava in the zoo")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    zoo = vlmscope.zoo.load("shapes-llava")
+    out = tmp_path_factory.mktemp("sae")
+    sae = grounded.sae_concepts(zoo, seed=0, out_dir=out)[0]  # the demo's SAE: last vision block, top-k 4 of 64
+    return zoo, sae, next(out.glob("*/cfg.json")).parent
+
+
+def test_tuning_curves_agree_with_the_labels_that_hold_and_name_graded_latents(demo):
+    """Where a dissection label holds, the curves say the same thing: a `colour=c` latent is tuned to
+    colour with c on top, a `patch=k AND background` latent drops when the object covers patch k.
+    Where no label holds, curves that replicate on fresh scenes name what the latent responds to by
+    degree. Measured (seed 0, 41 latents examined): 29 with curves, 24 hold, 8 where no label holds,
+    27 explained either way against 19 by labels alone; simulation correlation median 0.88."""
+    zoo, sae, _ = demo
+    site = sae.cfg.site
+    res, _ = explain_sae_features(zoo, sae, site, n_features=50)
+    curves, checks, scores = tune_sae_features(zoo, sae, site, n_features=50, explained=res)
+    assert curves.features == checks.features and len(curves.features) == res.examined
+    row = {f"latent {int(f)}": i for i, f in enumerate(res.features)}
+    colour_checked = place_checked = 0
+    for i, name in enumerate(curves.features):
+        if name not in row or res.verdicts[row[name]] != "holds":
+            continue
+        label, told = res.labels[row[name]], parse_tuning(curves.explanation(i))
+        if label.startswith("colour=") and " " not in label:
+            assert next(iter(told)) == "colour" and max(told["colour"], key=told["colour"].get) == label[7:], label
+            colour_checked += 1
+        if label.startswith("patch=") and label.endswith(" AND background") and "cell" in told:
+            k = label.split()[0][6:]
+            assert min(told["cell"], key=told["cell"].get) == k, (label, curves.explanation(i))
+            place_checked += 1
+    assert colour_checked >= 2 and place_checked >= 4
+    assert scores["tuning explanations that hold"] >= 18
+    assert scores["examined: tuning curves hold where no label does"] >= 5
+    assert scores["examined: a label or tuning curves hold"] >= sum(v == "holds" for v in res.verdicts) + 5
+    assert scores["median simulation correlation (tuning)"] > 0.75
+
+
+def test_tuning_cli_describes_chosen_latents(demo, tmp_path, capsys):
+    _, sae, folder = demo
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["explain", "tuning", "--sae", str(folder), "--feature", "16", "--feature", "43",
+                              "--bases", "8", "--out", str(tmp_path)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    scores = json.JSONDecoder().raw_decode(out[out.index("\n{\n") + 1:])[0]
+    assert scores["features tuned"] == 2
+    curves, checks = Result.load(tmp_path / "tuning_curves"), Result.load(tmp_path / "tuning_verification")
+    assert isinstance(curves, TuningCurves) and isinstance(checks, TuningVerification)
+    assert curves.features == ("latent 16", "latent 43") and "latent 16: colour" in out
+    # `explain features --tuning`: the labels, then the same latents' curves, and the count either way
+    args = parser.parse_args(["explain", "features", "--sae", str(folder), "--n-features", "6", "--examples", "100",
+                              "--tuning", "--out", str(tmp_path / "both")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    scores = json.JSONDecoder().raw_decode(out[out.index("\n{\n") + 1:])[0]
+    labels = Result.load(tmp_path / "both" / "explained_features")
+    checks = Result.load(tmp_path / "both" / "tuning_verification")
+    assert scores["features tuned"] == labels.examined == 6 and len(checks.features) == 6
+    held = {f"latent {int(f)}" for f, v in zip(labels.features, labels.verdicts) if v == "holds"}
+    either = held | {f for f, v in zip(checks.features, checks.verdicts) if v == "holds"}
+    assert scores["examined: a label or tuning curves hold"] == len(either)
+    bad = parser.parse_args(["explain", "tuning", "--sae", str(folder), "--feature", str(sae.cfg.d_sae)])
+    with pytest.raises(Exception, match=f"not in this SAE \\(0..{sae.cfg.d_sae - 1}\\)"):
+        bad.func(bad)
