@@ -135,7 +135,7 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.data import COLOURS, FAMILIES, SHAPES
     from vlmscope.data.vocab import answer_words
     from vlmscope.methods.explain.word_match import neuron_directions, vlm_word_match
-    from vlmscope.methods.explain.zoo_features import explain_sae_features
+    from vlmscope.methods.explain.zoo_features import explain_sae_features, tune_sae_features
 
     folder = out / "explain"
     folder.mkdir(parents=True, exist_ok=True)
@@ -147,6 +147,14 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     explained, scores = explain_sae_features(vlm, sae, site, n_features=50, n=200, seed=seed)  # the top 50
     explained.save(folder / "features")
     explained.plot().savefig(folder / "figure-verification.png", dpi=110)
+    # the same latents by degree: tuning curves, for those no categorical label names
+    curves, checks, tuned = tune_sae_features(vlm, sae, site, n_features=50, n=200, seed=seed, explained=explained)
+    curves.save(folder / "tuning-curves")
+    checks.save(folder / "tuning-verification")
+    held = {f"latent {int(f)}" for f, v in zip(explained.features, explained.verdicts) if v == "holds"}
+    graded = [i for i, (f, v) in enumerate(zip(checks.features, checks.verdicts)) if v == "holds" and f not in held]
+    (curves.plot(features=graded[:6]) if graded else checks.plot()).savefig(folder / "figure-tuning.png", dpi=110)
+    scores.update(tuned)
     # word matching: the answer words each of the last LM block's first neurons writes (unembedding)
     last = vlm.n_layers("lm") - 1
     answers = sorted({w for f in FAMILIES for w in answer_words(f)} | set(COLOURS) | set(SHAPES))

@@ -317,6 +317,15 @@ def _explain_reading(sc: dict) -> str:
                  f"has flowed into the text; text neurons: "
                  f"{sc.get('text neurons: own/other hit, first block', nan):.0f}× and "
                  f"{sc.get('text neurons: own/other hit, last block', nan):.0f}×.")
+    if "tuning explanations that hold" in sc:
+        text += (" Tuning curves describe the same latents by degree, as a neuron's tuning: around the scenes each "
+                 "prefers, one attribute varied at a time, the attributes that move it and each value's level "
+                 "(\"colour: red 1.00 > orange 0.82 > ...\"). "
+                 f"{int(sc['tuning explanations that hold'])} of {int(sc.get('features tuned', 0))} replicate on "
+                 f"fresh scenes, {int(sc.get('examined: tuning curves hold where no label does', 0))} of them where "
+                 "no label holds: a label or the curves explain "
+                 f"{sc.get('share of examined explained either way', nan):.2f} of the examined latents (simulation "
+                 f"correlation, median {sc.get('median simulation correlation (tuning)', nan):.2f}).")
     if "LM image tokens: labels naming what earlier image tokens show" in sc:
         lm = {k.removeprefix("LM image tokens: "): v for k, v in sc.items() if k.startswith("LM image tokens: ")}
         text += (f" At the language model's image tokens ({lm.get('site', '?')}), an SAE of the same recipe: "
