@@ -126,3 +126,7 @@ def test_formulas_with_the_same_axes_keep_their_own_scenes():
                                                    _object_after_object(images)], -1),
                        ["object AND column=2", "seen=object AND object"], n_bases=8)
     assert [v.verdict for v in both] == ["too broad", "holds"]
+    # a formula no controlled patch satisfies is untested, and the others in its batch are still judged
+    three = verify_many(lambda images: torch.stack([_object_after_object(images)] * 2, -1),
+                        ["seen=object AND object", "colour=red AND colour=green"], n_bases=8)
+    assert [v.verdict for v in three] == ["holds", "untested"] and "no controlled patch" in three[1].detail

@@ -12,7 +12,9 @@ firing rate per value decides the verdict, stated about the feature against its 
   the explanation: an explanation "colour=red" of a feature that fires on every object);
 - "too narrow": it fires on only part of the explained value's scenes and on no other value (the
   feature is narrower: it also depends on another attribute, named in `detail`);
-- "does not hold": it rarely fires on the explained value, or is both partial and unselective.
+- "does not hold": it rarely fires on the explained value, or is both partial and unselective;
+- "untested": a formula no controlled patch satisfies ("colour=red AND seen_colour=green" when no
+  base object is red), so nothing can be judged; a batch of explanations goes on with the others.
 
 Three explanations name no attribute value and get their own controls. "object" (fires on any
 object): every value of every object attribute is a "value" that must fire (>= `hold`), and the same

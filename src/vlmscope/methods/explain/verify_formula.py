@@ -58,7 +58,8 @@ def judge_formula(maps: torch.Tensor, scenes: Sequence[Scene], explanation: str,
     patch on its controlled scenes (`formula_scenes`): maps (scene, rows, cols). The patches are grouped
     by their values of the attributes the formula names (a formula is true or false on a whole
     group); it holds when the feature fires on every group the formula includes (>= `hold`) and
-    rarely on every group it excludes (<= `off`). Groups of fewer than `min_count` patches are not judged."""
+    rarely on every group it excludes (<= `off`). Groups of fewer than `min_count` patches are not judged;
+    when no group is one the formula includes, the verdict is "untested"."""
     f = parse_formula(explanation)
     names = atoms(f)
     attrs = list(dict.fromkeys("object" if parse(a)[0] in WHOLE else parse(a)[0] for a in names))
@@ -75,8 +76,9 @@ def judge_formula(maps: torch.Tensor, scenes: Sequence[Scene], explanation: str,
     keys, rate, inside, count = keys[keep], rate[keep], inside[keep], count[keep]
     kept = torch.nonzero(keep).flatten()  # (group,) their index among all groups
     values = tuple(_group_name(attrs, k) for k in keys.tolist())
-    if not inside.any():
-        raise InputError(f"no controlled patch satisfies {explanation!r}; it cannot be tested")
+    if not inside.any():  # e.g. "colour=red AND seen_colour=green" when no base object is red: nothing to judge
+        return Verification(feature, explanation, values, torch.zeros(1, len(values)), rate, threshold, "untested",
+                            "no controlled patch satisfies it", inside)
     on, reach = float(rate[inside].min()), float(rate[inside].max())
     off_max = float(rate[~inside].max()) if (~inside).any() else 0.0
     verdict = decide(on, off_max, hold, off, reach)

@@ -173,6 +173,8 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
               "mean label precision": float(sim.precision.nanmean())}
     for v in ("holds", "too broad", "too narrow", "does not hold"):
         scores[f"verdict: {v}"] = sum(c.verdict == v for c in checks)
+    if untested := sum(c.verdict == "untested" for c in checks):  # no controlled scene shows what the label names
+        scores["verdict: untested"] = untested
     kinds = [{parse(a)[0] for a in atoms(parse_formula(lab))} for lab in labels]
     for kind in ("patch", "row", "column", "object", "background", "cell", "colour", "shape", "size", "tone"):
         scores[f"labels naming {kind}"] = sum(kind in k for k in kinds)
