@@ -26,10 +26,9 @@ attribute it leaves out matters there (else it is "incomplete"; it names at most
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from vlmscope.errors import InputError
@@ -37,10 +36,9 @@ from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, SCENE_ATTRIBUTE
 from vlmscope.methods.explain.controls import base_scenes, controlled_scenes
 from vlmscope.methods.explain.score import correlation
 from vlmscope.methods.explain.verdicts import trait
-from vlmscope.methods.explain.verify import responses
+from vlmscope.methods.explain.verify import FeatureFn, responses
 from vlmscope.results import Result
 
-FeatureFn = Callable[[list[np.ndarray]], torch.Tensor]  # images -> (n, rows, cols[, feature])
 TUNED = (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES)  # colour, shape, size, cell, domain, tone
 Curves = dict[str, dict[str, float]]  # attribute -> value -> level, in the explanation's order
 
