@@ -40,6 +40,21 @@ def _placed(images) -> torch.Tensor:
     return _opponent(images) * COLUMN
 
 
+def _grain(images) -> torch.Tensor:
+    """(n, 3, 3) per patch, the mean step between neighbouring pixels' grey, scaled down: high on noisy
+    and striped (textured) backgrounds, low on plain ones."""
+    x = torch.from_numpy(np.stack(images)).float().mean(-1)
+    step = (x[:, :, 1:] - x[:, :, :-1]).abs()
+    step = torch.cat([step, step[:, :, -1:]], 2)
+    return step.view(len(images), 3, 24, 3, 24).mean((2, 4)) / 200
+
+
+def _object_then_grain(images) -> torch.Tensor:
+    """The opponent channel on the object's patch, the background's grain (at most ~0.1) elsewhere."""
+    obj = _opponent(images)
+    return torch.where(obj > 0, obj, _grain(images))
+
+
 def _both(images) -> torch.Tensor:
     return torch.stack([_opponent(images), _placed(images)], -1)
 
@@ -92,6 +107,30 @@ def test_wrong_or_partial_curves_do_not_hold(tuned):
     # the simulation score says the same: the reversed curve predicts the opposite of the feature
     s = score_tuning(_opponent, [reversed_colour, size_only, ""], n=120)
     assert float(s[0]) < -0.9 and abs(float(s[1])) < 0.2 and s[2].isnan()
+
+
+def test_where_the_response_is_read_and_features_that_go_negative():
+    """Read anywhere, a feature strongest on objects is tuned to their colour; read on the background,
+    to its style (plain lowest). Shifted below zero, a feature keeps its explanation: levels run from
+    its lowest mean response to its peak."""
+    anywhere = tuning_curves(_object_then_grain, n_bases=8)
+    background = tuning_curves(_object_then_grain, n_bases=8, where="background")
+    assert anywhere.named(0)[0] == "colour" and "domain" not in anywhere.named(0)
+    assert background.named(0)[0] == "domain" and background.where == "background"
+    told = parse_tuning(background.explanation(0))["domain"]
+    assert min(told, key=told.get) == "plain" and "colour" not in background.named(0)
+    obj = tuning_curves(_object_then_grain, n_bases=8, where="object")
+    assert obj.named(0) == ["colour"]
+    shifted = tuning_curves(lambda images: _opponent(images) - 0.5, n_bases=8)
+    assert shifted.floor(0) < 0 and shifted.named(0) == ["colour"]
+    levels = shifted.levels(0, "colour")
+    assert float(levels.min()) == pytest.approx(0.0, abs=0.01) and float(levels.max()) == pytest.approx(1.0, abs=0.01)
+    want = torch.tensor([OPPONENT[c] for c in VALUES["colour"]])
+    assert float(np.corrcoef(levels, want)[0, 1]) > 0.99
+    assert verify_tuning(lambda images: _opponent(images) - 0.5, [shifted.explanation(0)],
+                         n_bases=8).verdicts == ("holds",)
+    with pytest.raises(InputError, match="read at one of"):
+        tuning_curves(_opponent, n_bases=2, where="edges")
 
 
 def test_tuning_results_save_load_and_tabulate(tuned, tmp_path):

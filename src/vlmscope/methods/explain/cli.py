@@ -93,16 +93,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", default=None)
     v.set_defaults(func=cmd_verify)
-    t = sub.add_parser("tuning", help="tuning curves of SAE latents: what graded features respond to, and how much")
+    t = sub.add_parser("tuning", help="tuning curves of SAE latents or a site's units: what moves them, and how much")
     t.add_argument("--model", default="shapes-llava", help="zoo name or local folder")
-    t.add_argument("--sae", required=True, help="an SAE folder (save_sae / SAELens)")
+    t.add_argument("--sae", default=None, help="an SAE folder (save_sae / SAELens); without one, --site's own units "
+                   "(e.g. vision.blocks.2.mlp.post neurons), named by --feature")
     t.add_argument("--site", default=None, help="default: the SAE's own site")
     t.add_argument("--feature", type=int, action="append", default=None,
-                   help="a latent to describe (repeat the flag); default: the --n-features most frequent")
+                   help="a latent or unit to describe (repeat the flag); default: the SAE's --n-features most frequent")
     t.add_argument("--n-features", type=int, default=50)
     t.add_argument("--bases", type=int, default=24, help="preferred single-object scenes each latent is varied around")
     t.add_argument("--min-share", type=float, default=0.1,
                    help="share of the response's variance an attribute must explain to be named")
+    t.add_argument("--where", choices=["any", "object", "background"], default="any",
+                   help="the patches each response is read at (its maximum there)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None)
     t.set_defaults(func=cmd_tuning)
@@ -253,10 +256,13 @@ def cmd_tuning(args: argparse.Namespace) -> int:
     from vlmscope.methods.explain.zoo_features import tune_sae_features
     from vlmscope.methods.sae import load_sae
 
-    m, sae = _model(args.model), load_sae(args.sae)
+    if args.sae is None and (args.site is None or not args.feature):
+        raise SystemExit("without --sae, give --site and the units to tune with --feature (e.g. --site "
+                         "vision.blocks.2.mlp.post --feature 5)")
+    m, sae = _model(args.model), (load_sae(args.sae) if args.sae else None)
     curves, checks, scores = tune_sae_features(m, sae, args.site or sae.cfg.site, features=args.feature,
                                                n_features=args.n_features, seed=args.seed, n_bases=args.bases,
-                                               min_share=args.min_share)
+                                               min_share=args.min_share, where=args.where)
     for f, e, v, d in zip(checks.features, checks.explanations, checks.verdicts, checks.details):
         print(f"{f}: {e or '(no attribute matters)'}  [{v}{'; ' + d if d else ''}]")
     return _show(scores, args.out, {"tuning_curves": curves, "tuning_verification": checks})

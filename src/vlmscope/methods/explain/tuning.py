@@ -7,10 +7,11 @@ is too narrow at one share of its peak and too broad at another (docs/explain.md
 name it as a neuroscientist reads a neuron: around the single-object scenes it responds to most
 (its preferred stimuli, from a pool of random ones), one attribute varied through all its values
 with everything else held fixed (the verification loop's `controls`), the feature's mean response
-(its maximum over patches) per value, and the share of the response's variance the attribute
-explains (epsilon-squared over bases x values, so a 9-valued attribute does not win by chance). The
-attributes that explain at least `min_share` and move the response by at least `min_range` of its
-peak are the explanation, each value at its level relative to the feature's peak:
+per value (its maximum over patches; `where`: over the object's or the background's), and the share
+of the response's variance the attribute explains (epsilon-squared over bases x values, so a
+9-valued attribute does not win by chance). The attributes that explain at least `min_share` and
+move the response by at least `min_range` of its range are the explanation, each value at its
+level, a share of the feature's peak (`levels`):
 
     colour 62%: red 1.00 > orange 0.83 > purple 0.60 > yellow 0.48 > blue 0.15 > green 0.11;
     size 21%: small 0.90 > large 0.52
@@ -32,11 +33,11 @@ from dataclasses import dataclass
 import torch
 
 from vlmscope.errors import InputError
-from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, SCENE_ATTRIBUTES, VALUES
+from vlmscope.methods.explain.concepts import OBJECT_ATTRIBUTES, SCENE_ATTRIBUTES, VALUES, concept_masks
 from vlmscope.methods.explain.controls import base_scenes, controlled_scenes
 from vlmscope.methods.explain.score import correlation
 from vlmscope.methods.explain.verdicts import trait
-from vlmscope.methods.explain.verify import FeatureFn, responses
+from vlmscope.methods.explain.verify import FeatureFn, patch_responses
 from vlmscope.results import Result
 
 TUNED = (*OBJECT_ATTRIBUTES, *SCENE_ATTRIBUTES)  # colour, shape, size, cell, domain, tone
@@ -68,6 +69,7 @@ class TuningCurves(Result):
     response: dict[str, torch.Tensor]  # attribute -> (feature, base, value) max over patches
     share: torch.Tensor  # (feature, attribute) share of the response's variance the attribute explains
     bases: torch.Tensor  # (feature, base) which scenes of the pool each feature was measured around
+    where: str  # the patches the response was read at: "any", "object" or "background"
 
     def curve(self, i: int, attribute: str) -> torch.Tensor:
         """(value,) feature i's mean response to each value of `attribute` (VALUES order)."""
@@ -77,10 +79,22 @@ class TuningCurves(Result):
         """Feature i's largest mean response to any value of any attribute: the explanation's unit."""
         return max(float(self.curve(i, a).max()) for a in self.attributes)
 
+    def floor(self, i: int) -> float:
+        """Zero, or feature i's lowest mean response where that is negative (a neuron before its
+        nonlinearity, a residual direction): levels are read from there to the peak."""
+        return min(0.0, *(float(self.curve(i, a).min()) for a in self.attributes))
+
+    def levels(self, i: int, attribute: str) -> torch.Tensor:
+        """(value,) feature i's curve for `attribute` as shares of its range from `floor` to `peak`
+        (for a non-negative feature, of its peak)."""
+        lo, hi = self.floor(i), self.peak(i)
+        c = self.curve(i, attribute)
+        return (c - lo) / (hi - lo) if hi > lo else torch.zeros_like(c)
+
     def span(self, i: int, attribute: str) -> float:
-        """How far `attribute` moves feature i's mean response: its curve's range over the feature's peak."""
-        c, peak = self.curve(i, attribute), self.peak(i)
-        return float(c.max() - c.min()) / peak if peak > 0 else 0.0
+        """How far `attribute` moves feature i's mean response, as a share of its range (`levels`)."""
+        c = self.levels(i, attribute)
+        return float(c.max() - c.min())
 
     def matters(self, i: int, min_share: float = 0.1, min_range: float = 0.2) -> list[str]:
         """The attributes that explain at least `min_share` of feature i's response and move it by at
@@ -95,10 +109,9 @@ class TuningCurves(Result):
 
     def explanation(self, i: int, min_share: float = 0.1, most: int = 3, min_range: float = 0.2) -> str:
         """Feature i's curves in words ('' when no attribute matters), see the module doc."""
-        peak = self.peak(i)
         parts = []
         for a in self.named(i, min_share, most, min_range):
-            c = self.curve(i, a) / peak if peak > 0 else self.curve(i, a)
+            c = self.levels(i, a)
             order = c.argsort(descending=True).tolist()
             share = float(self.share[i, self.attributes.index(a)])
             parts.append(f"{a} {share:.0%}: " + " > ".join(f"{VALUES[a][j]} {float(c[j]):.2f}" for j in order))
@@ -112,28 +125,28 @@ class TuningCurves(Result):
         return f"TuningCurves({len(self.features)} features over {', '.join(self.attributes)}; {told} explained)"
 
     def to_dataframe(self):
-        """One row per feature, attribute and value: the mean response, its level (share of the
-        feature's peak) and the attribute's share of the variance."""
+        """One row per feature, attribute and value: the mean response, its level (`levels`) and the
+        attribute's share of the variance."""
         import pandas as pd
 
         rows = []
         for i, f in enumerate(self.features):
-            peak = self.peak(i)
             for j, a in enumerate(self.attributes):
-                for v, r in zip(VALUES[a], self.curve(i, a).tolist()):
-                    rows.append({"feature": f, "attribute": a, "value": v, "mean_response": r,
-                                 "level": r / peak if peak > 0 else float("nan"), "share": float(self.share[i, j])})
+                for v, r, x in zip(VALUES[a], self.curve(i, a).tolist(), self.levels(i, a).tolist()):
+                    rows.append({"feature": f, "attribute": a, "value": v, "mean_response": r, "level": x,
+                                 "share": float(self.share[i, j])})
         return pd.DataFrame(rows)
 
 
 def tuning_curves(features: FeatureFn, n_bases: int = 24, seed: int = 0, names: Sequence[str] | None = None,
-                  attributes: Sequence[str] = TUNED, pool: int | None = 240) -> TuningCurves:
+                  attributes: Sequence[str] = TUNED, pool: int | None = 240, where: str = "any") -> TuningCurves:
     """Measure the tuning curves of one or many features (`features(images)` -> (n, rows, cols) or
     (n, rows, cols, feature)): from each of `n_bases` single-object scenes, every attribute varied
     through all its values. pool: draw that many random scenes and measure each feature around the
     `n_bases` it responds to most (its preferred stimuli, as a neuron's tuning is measured), so that
     an attribute that matters only in some context (colour, for small objects in the middle column)
-    shows; None: the same `n_bases` random scenes for every feature."""
+    shows; None: the same `n_bases` random scenes for every feature. where: the patches its response is
+    read at (`read`: "any", "object" or "background")."""
     bad = [a for a in attributes if a not in TUNED]
     if bad or not attributes:
         raise InputError(f"tuning curves vary {list(TUNED)}; got {bad or 'none'}")
@@ -141,7 +154,7 @@ def tuning_curves(features: FeatureFn, n_bases: int = 24, seed: int = 0, names: 
         raise InputError(f"a pool of {pool} scenes cannot give {n_bases} preferred bases per feature")
     scenes = base_scenes(pool or n_bases, seed)
     if pool:
-        r = _columns(responses(features, scenes))  # (scene, feature)
+        r = read(features, scenes, where)  # (scene, feature)
         chosen = r.T.argsort(dim=1, descending=True, stable=True)[:, :n_bases].contiguous()  # (feature, base)
     else:
         chosen = None
@@ -149,7 +162,7 @@ def tuning_curves(features: FeatureFn, n_bases: int = 24, seed: int = 0, names: 
     bases = [scenes[int(u)] for u in used]
     response = {}
     for a in attributes:
-        r = _columns(responses(features, controlled_scenes(a, bases)))  # (base * value, feature)
+        r = read(features, controlled_scenes(a, bases), where)  # (base * value, feature)
         r = r.view(len(bases), len(VALUES[a]), -1).permute(2, 0, 1)  # (feature, base, value)
         if chosen is None:
             chosen = used.repeat(r.shape[0], 1)
@@ -160,11 +173,24 @@ def tuning_curves(features: FeatureFn, n_bases: int = 24, seed: int = 0, names: 
     if len(names) != n:
         raise InputError(f"{len(names)} names for {n} features")
     share = torch.tensor([[variance_share(response[a][i]) for a in attributes] for i in range(n)])
-    return TuningCurves(names, tuple(attributes), response, share.reshape(n, len(attributes)), chosen)
+    return TuningCurves(names, tuple(attributes), response, share.reshape(n, len(attributes)), chosen, where)
 
 
-def _columns(r: torch.Tensor) -> torch.Tensor:
-    return r[:, None] if r.dim() == 1 else r
+WHERE = ("any", "object", "background")  # the patches a feature's response is read at
+
+
+def read(features: FeatureFn, scenes: Sequence, where: str = "any") -> torch.Tensor:
+    """(scene, feature) each feature's largest response over the patches `where` says: any patch, the
+    object's, or the background's (a neuron strongest on objects may carry the background style in
+    its weaker background response)."""
+    if where not in WHERE:
+        raise InputError(f"where={where!r}: the response is read at one of {list(WHERE)}")
+    maps = patch_responses(features, scenes)  # (scene, rows, cols[, feature])
+    maps = maps[..., None] if maps.dim() == 3 else maps
+    if where != "any":
+        keep = concept_masks(scenes, (maps.shape[1], maps.shape[2]), [where])[where]  # (scene, rows, cols)
+        maps = maps.masked_fill(~keep[..., None], float("-inf"))
+    return maps.flatten(1, 2).amax(1).nan_to_num(neginf=0.0)
 
 
 _PART = re.compile(r"^\s*(\w+)\s+[\d.]+%\s*:\s*(.+)$")
@@ -206,12 +232,13 @@ def predict(curves: Curves, scenes: Sequence) -> torch.Tensor:
     return pred
 
 
-def score_tuning(features: FeatureFn, explanations: Sequence[str], n: int = 300, seed: int = 2) -> torch.Tensor:
+def score_tuning(features: FeatureFn, explanations: Sequence[str], n: int = 300, seed: int = 2,
+                 where: str = "any") -> torch.Tensor:
     """(feature,) simulation score (Bills et al.): the correlation between each explanation's
     prediction (`predict`) and the feature's real response on n fresh single-object scenes with every
     attribute at random; NaN for an empty explanation."""
     scenes = base_scenes(n, seed)
-    real = _columns(responses(features, scenes))
+    real = read(features, scenes, where)
     out = torch.full((len(explanations),), float("nan"))
     for i, e in enumerate(explanations):
         if e:
@@ -233,10 +260,12 @@ class TuningVerification(Result):
     fresh_response: dict[str, torch.Tensor]  # attribute -> (feature, base, value), on the fresh bases
     fresh_share: torch.Tensor  # (feature, attribute)
     fresh_bases: torch.Tensor  # (feature, base)
+    where: str
 
     @property
     def fresh(self) -> TuningCurves:
-        return TuningCurves(self.features, self.attributes, self.fresh_response, self.fresh_share, self.fresh_bases)
+        return TuningCurves(self.features, self.attributes, self.fresh_response, self.fresh_share, self.fresh_bases,
+                            self.where)
 
     def __repr__(self) -> str:
         held = sum(v == "holds" for v in self.verdicts)
@@ -275,30 +304,30 @@ def judge_tuning(fresh: TuningCurves, i: int, explanation: str, r_min: float = 0
 
 def verify_tuning(features: FeatureFn, explanations: Sequence[str], n_bases: int = 24, seed: int = 1,
                   names: Sequence[str] | None = None, r_min: float = 0.9, min_share: float = 0.1,
-                  pool: int | None = 240, min_range: float = 0.2) -> TuningVerification:
+                  pool: int | None = 240, min_range: float = 0.2, where: str = "any") -> TuningVerification:
     """Measure the curves again on `n_bases` fresh bases (seed; `pool` as in `tuning_curves`) and judge each explanation
     (`judge_tuning`): holds, incomplete (an attribute it leaves out matters, `TuningCurves.matters`),
     or does not hold (a named curve does not replicate, or no longer explains `min_share`)."""
     for e in explanations:
         parse_tuning(e)  # clear errors before any scene is rendered
-    fresh = tuning_curves(features, n_bases, seed, names, pool=pool)
+    fresh = tuning_curves(features, n_bases, seed, names, pool=pool, where=where)
     if len(fresh.features) not in (1, len(explanations)) or (len(fresh.features) == 1 and len(explanations) != 1):
         raise InputError(f"{len(explanations)} explanations for {len(fresh.features)} features")
     judged = [judge_tuning(fresh, i, e, r_min, min_share, min_range) for i, e in enumerate(explanations)]
     return TuningVerification(fresh.features, tuple(explanations), tuple(v for v, _ in judged),
                               tuple(d for _, d in judged), fresh.attributes, fresh.response, fresh.share,
-                              fresh.bases)
+                              fresh.bases, where)
 
 
 def explain_tuning(features: FeatureFn, n_bases: int = 24, seed: int = 0, names: Sequence[str] | None = None,
                    min_share: float = 0.1, most: int = 3, pool: int | None = 240, min_range: float = 0.2,
-                   ) -> tuple[TuningCurves, TuningVerification, torch.Tensor]:
+                   where: str = "any") -> tuple[TuningCurves, TuningVerification, torch.Tensor]:
     """Describe, verify and score in one call: curves around bases of `seed`, verified around those of
     seed + 1, simulation scores on random scenes of seed + 2. Returns (curves, verification, scores
     (feature,))."""
-    curves = tuning_curves(features, n_bases, seed, names, pool=pool)
+    curves = tuning_curves(features, n_bases, seed, names, pool=pool, where=where)
     texts = curves.explanations(min_share, most, min_range)
     checks = verify_tuning(features, texts, n_bases, seed + 1, curves.features, min_share=min_share, pool=pool,
-                           min_range=min_range)
-    return curves, checks, score_tuning(features, texts, seed=seed + 2)
+                           min_range=min_range, where=where)
+    return curves, checks, score_tuning(features, texts, seed=seed + 2, where=where)
 

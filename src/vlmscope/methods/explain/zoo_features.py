@@ -220,25 +220,33 @@ def refine_explained(vlm, sae, explained: ExplainedFeatures, rounds: int = 3, n_
 
 def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None, n_features: int = 50,
                       n: int = 300, seed: int = 0, n_bases: int = 24, min_share: float = 0.1,
-                      explained: ExplainedFeatures | None = None):
+                      explained: ExplainedFeatures | None = None, where: str = "any"):
     """Tuning curves (tuning.py) of SAE latents at `site`: the given `features`, or the `n_features`
     most frequent on n zoo scenes (as `explain_sae_features` examines them), each described,
-    verified on fresh bases and scored by simulation. With `explained` (the same latents' dissection),
-    the scores also count the latents that a categorical label or their curves explain.
+    verified on fresh bases and scored by simulation. sae None: the site's own units (an MLP site's
+    neurons), which `features` must then name. where: the patches each response is read at ("any",
+    "object", "background"; `tuning.read`). With `explained` (the same latents' dissection), the
+    scores also count the latents that a categorical label or their curves explain.
     Returns (TuningCurves, TuningVerification, scores)."""
     from vlmscope.methods.explain.tuning import explain_tuning
 
+    encode = sae.encode if sae is not None else (lambda rows: rows)
     if features is None:
+        if sae is None:
+            raise InputError(f"without an SAE, name the units of {site} to tune (features=[...])")
         feats = frequent_latents(vlm, sae, site, n_features, n, seed)[0].tolist()
     else:
         feats = [int(f) for f in features]
-        if bad := [f for f in feats if not 0 <= f < sae.cfg.d_sae]:
-            raise InputError(f"latents {bad} are not in this SAE (0..{sae.cfg.d_sae - 1})")
+        width = sae.cfg.d_sae if sae is not None else _width(vlm, site)
+        if bad := [f for f in feats if not 0 <= f < width]:
+            where = "this SAE" if sae is not None else site
+            raise InputError(f"{'latents' if sae is not None else 'units'} {bad} are not in {where} (0..{width - 1})")
 
     def latents(images):
-        return patch_maps(vlm, images, site, sae.encode)[..., feats]
+        return patch_maps(vlm, images, site, encode)[..., feats]
 
-    curves, checks, sim = explain_tuning(latents, n_bases, seed, [f"latent {f}" for f in feats], min_share)
+    names = [f"latent {f}" if sae is not None else f"{site} unit {f}" for f in feats]
+    curves, checks, sim = explain_tuning(latents, n_bases, seed, names, min_share, where=where)
     held = [v == "holds" for v in checks.verdicts]
     scores = {"features tuned": len(feats), "with a tuning explanation": sum(bool(e) for e in checks.explanations),
               "tuning explanations that hold": sum(held),
@@ -253,6 +261,13 @@ def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None
                                                                            for f, h in zip(feats, held)),
                    "share of examined explained either way": sum(either) / max(len(feats), 1)}
     return curves, checks, scores
+
+
+def _width(vlm, site: str) -> int:
+    """How many units `site` holds per image patch (one zoo image run)."""
+    from vlmscope.data import render
+
+    return patch_maps(vlm, [render(truth.examples(0, 1)[0].scene)], site, lambda rows: rows).shape[-1]
 
 
 def chance_iou(maps: torch.Tensor, masks: dict[str, torch.Tensor], threshold: torch.Tensor) -> torch.Tensor:
