@@ -154,6 +154,14 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     held = {f"latent {int(f)}" for f, v in zip(explained.features, explained.verdicts) if v == "holds"}
     graded = [i for i, (f, v) in enumerate(zip(checks.features, checks.verdicts)) if v == "holds" and f not in held]
     (curves.plot(features=graded[:6]) if graded else checks.plot()).savefig(folder / "figure-tuning.png", dpi=110)
+    if graded:  # the first of them as images: its preferred scene varied one attribute at a time
+        from vlmscope.methods.explain.tuning import tuning_views
+        from vlmscope.methods.explain.zoo_features import site_features
+        from vlmscope.report.plots_features import tuning_grid
+
+        fn = site_features(vlm, sae, site, [int(name.split()[1]) for name in checks.features])
+        tuning_grid(tuning_views(fn, curves, graded[0]), checks.features[graded[0]]).savefig(
+            folder / "figure-tuning-grid.png", dpi=110)
     scores.update(tuned)
     # word matching: the answer words each of the last LM block's first neurons writes (unembedding)
     last = vlm.n_layers("lm") - 1

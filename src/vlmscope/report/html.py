@@ -51,6 +51,11 @@ CAPTIONS = {
                            "scenes).",
     "figure-verification.png": "SAE features labelled by dissection (IoU with concept masks) and the verdict of the "
                                "verification loop on controlled scenes.",
+    "figure-tuning.png": "Tuning curves of SAE features no dissection label explains but whose curves hold: the mean "
+                         "response to each value of each attribute around the scenes the feature prefers; titles give "
+                         "the attribute's share of the variance.",
+    "figure-tuning-grid.png": "The first of them as images: its preferred scene varied one attribute at a time, the "
+                              "feature's activation at each patch drawn over each image.",
     "figure-word-match.png": "Answer words each MLP neuron of the last LM block writes, by cosine with the unembedding.",
     "figure-textspan-ablation.png": "shapes-clip: share of each attribute's zero-shot evidence removed by mean-ablating "
                                     "each attribute's TEXTSPAN heads, directly and in total.",

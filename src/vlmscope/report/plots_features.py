@@ -324,3 +324,26 @@ def tuning_verification(r, ax=None):
     ax.set_title(f"tuning curves: {held} of {len(r.verdicts)} hold on fresh scenes", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def tuning_grid(views: dict, feature: str = "feature"):
+    """`tuning.tuning_views` drawn: one row per attribute, one column per value, the feature's map over
+    each controlled image on one colour scale, titled with the value and the feature's largest response."""
+    from vlmscope.data import render
+    from vlmscope.methods.explain.verdicts import trait
+
+    cols = max(len(scenes) for scenes, _ in views.values())
+    vmax = max(float(maps.max()) for _, maps in views.values()) or 1.0
+    fig, axes = plt.subplots(len(views), cols, squeeze=False, figsize=(1.6 * cols, 1.75 * len(views)))
+    for r, (a, (scenes, maps)) in enumerate(views.items()):
+        for j, ax in enumerate(axes[r]):
+            if j >= len(scenes):
+                ax.axis("off")
+                continue
+            heatmap_over_image(render(scenes[j]), maps[j].numpy(), ax=ax, cmap="inferno", vmin=0, vmax=vmax,
+                               colorbar=False, title=f"{trait(scenes[j], a)} {float(maps[j].max()):.2f}")
+            ax.title.set_fontsize(7)
+        axes[r, 0].set_ylabel(a, fontsize=8)
+    fig.suptitle(f"{feature}: its preferred scene, one attribute varied at a time", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -147,6 +147,27 @@ def test_tuning_results_save_load_and_tabulate(tuned, tmp_path):
     assert len(curves.plot().axes) == 2 * len(curves.attributes) and checks.plot() is not None
 
 
+def test_tuning_views_show_the_preferred_scene_varied(tuned):
+    """The image view of the curves: the opponent feature's preferred scene (a red object: the top of
+    its curve) with its colour changed, the map peaking on the object's patch, strongest for red."""
+    from vlmscope.methods.explain.tuning import preferred_scene, tuning_views
+    from vlmscope.report.plots_features import tuning_grid
+
+    curves = tuned[0]
+    base = preferred_scene(curves, 0)
+    assert base.objects[0].colour in ("red", "orange")  # the two highest levels, jitter decides
+    views = tuning_views(_both, curves, 0)
+    assert list(views) == ["colour"]
+    scenes, maps = views["colour"]
+    assert [s.objects[0].colour for s in scenes] == list(VALUES["colour"]) and maps.shape == (6, 3, 3)
+    cell = base.objects[0].cell
+    assert all(int(m.flatten().argmax()) == cell for m in maps)
+    peaks = maps.flatten(1).amax(1)
+    assert VALUES["colour"][int(peaks.argmax())] == "red"
+    fig = tuning_grid(tuning_views(_both, curves, 1), "placed")
+    assert len([ax for ax in fig.axes if ax.get_images()]) == 6 + 9  # colour's and cell's values
+
+
 def test_bad_tuning_input_is_refused():
     with pytest.raises(InputError, match="tuning curves vary"):
         tuning_curves(_opponent, n_bases=2, attributes=("colour", "row"))

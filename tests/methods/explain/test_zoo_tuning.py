@@ -88,7 +88,7 @@ def test_tuning_cli_describes_chosen_latents(demo, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["explain", "tuning", "--sae", str(folder), "--feature", "16", "--feature", "43",
-                              "--bases", "8", "--out", str(tmp_path)])
+                              "--bases", "8", "--grid", "--out", str(tmp_path)])
     assert args.func(args) == 0
     out = capsys.readouterr().out
     scores = json.JSONDecoder().raw_decode(out[out.index("\n{\n") + 1:])[0]
@@ -96,6 +96,7 @@ def test_tuning_cli_describes_chosen_latents(demo, tmp_path, capsys):
     curves, checks = Result.load(tmp_path / "tuning_curves"), Result.load(tmp_path / "tuning_verification")
     assert isinstance(curves, TuningCurves) and isinstance(checks, TuningVerification)
     assert curves.features == ("latent 16", "latent 43") and "latent 16: colour" in out
+    assert (tmp_path / "figure-tuning-16.png").exists() and (tmp_path / "figure-tuning-43.png").exists()
     # `explain features --tuning`: the labels, then the same latents' curves, and the count either way
     args = parser.parse_args(["explain", "features", "--sae", str(folder), "--n-features", "6", "--examples", "100",
                               "--tuning", "--out", str(tmp_path / "both")])

@@ -106,6 +106,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="share of the response's variance an attribute must explain to be named")
     t.add_argument("--where", choices=["any", "object", "background"], default="any",
                    help="the patches each response is read at (its maximum there)")
+    t.add_argument("--grid", action="store_true", help="with --out: save each feature's preferred scene varied "
+                   "one attribute at a time, its map over every image (figure-tuning-<feature>.png)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None)
     t.set_defaults(func=cmd_tuning)
@@ -265,6 +267,19 @@ def cmd_tuning(args: argparse.Namespace) -> int:
                                                min_share=args.min_share, where=args.where)
     for f, e, v, d in zip(checks.features, checks.explanations, checks.verdicts, checks.details):
         print(f"{f}: {e or '(no attribute matters)'}  [{v}{'; ' + d if d else ''}]")
+    if args.grid and args.out:
+        from vlmscope.methods.explain.tuning import tuning_views
+        from vlmscope.methods.explain.zoo_features import site_features
+        from vlmscope.report.plots_features import tuning_grid
+
+        site = args.site or sae.cfg.site
+        units = [int(name.rsplit(" ", 1)[1]) for name in curves.features]  # "latent 58", "<site> unit 5"
+        fn = site_features(m, sae, site, units)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(curves.features):
+            path = Path(args.out) / f"figure-tuning-{name.rsplit(' ', 1)[1]}.png"
+            tuning_grid(tuning_views(fn, curves, i), name).savefig(path, dpi=110)
+            print(f"saved {path}")
     return _show(scores, args.out, {"tuning_curves": curves, "tuning_verification": checks})
 
 

@@ -70,6 +70,8 @@ class TuningCurves(Result):
     share: torch.Tensor  # (feature, attribute) share of the response's variance the attribute explains
     bases: torch.Tensor  # (feature, base) which scenes of the pool each feature was measured around
     where: str  # the patches the response was read at: "any", "object" or "background"
+    seed: int  # the pool's (or the bases') seed: `base_scenes(pool or n_bases, seed)`
+    pool: int  # how many random scenes the preferred bases were chosen from; 0: the bases themselves
 
     def curve(self, i: int, attribute: str) -> torch.Tensor:
         """(value,) feature i's mean response to each value of `attribute` (VALUES order)."""
@@ -173,7 +175,8 @@ def tuning_curves(features: FeatureFn, n_bases: int = 24, seed: int = 0, names: 
     if len(names) != n:
         raise InputError(f"{len(names)} names for {n} features")
     share = torch.tensor([[variance_share(response[a][i]) for a in attributes] for i in range(n)])
-    return TuningCurves(names, tuple(attributes), response, share.reshape(n, len(attributes)), chosen, where)
+    return TuningCurves(names, tuple(attributes), response, share.reshape(n, len(attributes)), chosen, where, seed,
+                        pool or 0)
 
 
 WHERE = ("any", "object", "background")  # the patches a feature's response is read at
@@ -191,6 +194,27 @@ def read(features: FeatureFn, scenes: Sequence, where: str = "any") -> torch.Ten
         keep = concept_masks(scenes, (maps.shape[1], maps.shape[2]), [where])[where]  # (scene, rows, cols)
         maps = maps.masked_fill(~keep[..., None], float("-inf"))
     return maps.flatten(1, 2).amax(1).nan_to_num(neginf=0.0)
+
+
+def preferred_scene(curves: TuningCurves, i: int, rank: int = 0):
+    """The scene feature i was measured around at `rank` (0: the one it responds to most)."""
+    return base_scenes(curves.pool or curves.bases.shape[1], curves.seed)[int(curves.bases[i, rank])]
+
+
+def tuning_views(features: FeatureFn, curves: TuningCurves, i: int, attributes: Sequence[str] | None = None,
+                 rank: int = 0) -> dict[str, tuple[list, torch.Tensor]]:
+    """What the curves summarise, as images: feature i's preferred scene (`rank`) varied through every
+    value of each attribute (default: those its explanation names, else all), with feature i's map
+    over patches on each: {attribute: (scenes, maps (value, rows, cols))} (`plots_features.tuning_grid`
+    draws it)."""
+    base = preferred_scene(curves, i, rank)
+    attributes = list(attributes) if attributes is not None else (curves.named(i) or list(curves.attributes))
+    out = {}
+    for a in attributes:
+        scenes = controlled_scenes(a, [base])
+        maps = patch_responses(features, scenes)
+        out[a] = (scenes, maps[..., i if maps.shape[-1] > 1 else 0] if maps.dim() == 4 else maps)
+    return out
 
 
 _PART = re.compile(r"^\s*(\w+)\s+[\d.]+%\s*:\s*(.+)$")
@@ -261,11 +285,13 @@ class TuningVerification(Result):
     fresh_share: torch.Tensor  # (feature, attribute)
     fresh_bases: torch.Tensor  # (feature, base)
     where: str
+    seed: int  # the fresh pool's
+    pool: int
 
     @property
     def fresh(self) -> TuningCurves:
         return TuningCurves(self.features, self.attributes, self.fresh_response, self.fresh_share, self.fresh_bases,
-                            self.where)
+                            self.where, self.seed, self.pool)
 
     def __repr__(self) -> str:
         held = sum(v == "holds" for v in self.verdicts)
@@ -316,7 +342,7 @@ def verify_tuning(features: FeatureFn, explanations: Sequence[str], n_bases: int
     judged = [judge_tuning(fresh, i, e, r_min, min_share, min_range) for i, e in enumerate(explanations)]
     return TuningVerification(fresh.features, tuple(explanations), tuple(v for v, _ in judged),
                               tuple(d for _, d in judged), fresh.attributes, fresh.response, fresh.share,
-                              fresh.bases, where)
+                              fresh.bases, where, fresh.seed, fresh.pool)
 
 
 def explain_tuning(features: FeatureFn, n_bases: int = 24, seed: int = 0, names: Sequence[str] | None = None,

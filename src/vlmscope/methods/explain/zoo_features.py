@@ -230,7 +230,6 @@ def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None
     Returns (TuningCurves, TuningVerification, scores)."""
     from vlmscope.methods.explain.tuning import explain_tuning
 
-    encode = sae.encode if sae is not None else (lambda rows: rows)
     if features is None:
         if sae is None:
             raise InputError(f"without an SAE, name the units of {site} to tune (features=[...])")
@@ -242,11 +241,9 @@ def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None
             where = "this SAE" if sae is not None else site
             raise InputError(f"{'latents' if sae is not None else 'units'} {bad} are not in {where} (0..{width - 1})")
 
-    def latents(images):
-        return patch_maps(vlm, images, site, encode)[..., feats]
-
     names = [f"latent {f}" if sae is not None else f"{site} unit {f}" for f in feats]
-    curves, checks, sim = explain_tuning(latents, n_bases, seed, names, min_share, where=where)
+    curves, checks, sim = explain_tuning(site_features(vlm, sae, site, feats), n_bases, seed, names, min_share,
+                                         where=where)
     held = [v == "holds" for v in checks.verdicts]
     scores = {"features tuned": len(feats), "with a tuning explanation": sum(bool(e) for e in checks.explanations),
               "tuning explanations that hold": sum(held),
@@ -261,6 +258,18 @@ def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None
                                                                            for f, h in zip(feats, held)),
                    "share of examined explained either way": sum(either) / max(len(feats), 1)}
     return curves, checks, scores
+
+
+def site_features(vlm, sae, site: str, features: Sequence[int]):
+    """images -> (n, rows, cols, feature) maps of the given SAE latents at `site` (sae None: the site's
+    own units), the feature function the verification loop and tuning curves read."""
+    encode = sae.encode if sae is not None else (lambda rows: rows)
+    feats = list(features)
+
+    def maps(images):
+        return patch_maps(vlm, images, site, encode)[..., feats]
+
+    return maps
 
 
 def _width(vlm, site: str) -> int:
