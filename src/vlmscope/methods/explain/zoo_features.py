@@ -152,11 +152,8 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     lab_ratio = dis.ratio[labelled]
     per_feature = None if bool(lab_ratio.isnan().all()) else lab_ratio.tolist()
 
-    def latents(images):
-        return patch_maps(vlm, images, site, sae.encode)[..., lab_feats]
-
-    checks = verify_many(latents, labels, n_bases=n_bases, seed=seed + 1, names=lab_names,
-                         ratios=per_feature) if labels else []
+    checks = verify_many(site_features(vlm, sae, site, lab_feats.tolist()), labels, n_bases=n_bases, seed=seed + 1,
+                         names=lab_names, ratios=per_feature) if labels else []
     res = ExplainedFeatures(site, lab_feats, labels, dis.iou[labelled], sim.correlation, sim.precision,
                             tuple(c.verdict for c in checks), tuple(c.detail for c in checks), len(feats), lab_ratio)
     chance = chance_iou(fmaps, masks, dis.threshold)
@@ -238,8 +235,8 @@ def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None
         feats = [int(f) for f in features]
         width = sae.cfg.d_sae if sae is not None else _width(vlm, site)
         if bad := [f for f in feats if not 0 <= f < width]:
-            where = "this SAE" if sae is not None else site
-            raise InputError(f"{'latents' if sae is not None else 'units'} {bad} are not in {where} (0..{width - 1})")
+            owner = "this SAE" if sae is not None else site
+            raise InputError(f"{'latents' if sae is not None else 'units'} {bad} are not in {owner} (0..{width - 1})")
 
     names = [f"latent {f}" if sae is not None else f"{site} unit {f}" for f in feats]
     curves, checks, sim = explain_tuning(site_features(vlm, sae, site, feats), n_bases, seed, names, min_share,
