@@ -109,6 +109,17 @@ def test_tuning_cli_describes_chosen_latents(demo, tmp_path, capsys):
     held = {f"latent {int(f)}" for f, v in zip(labels.features, labels.verdicts) if v == "holds"}
     either = held | {f for f, v in zip(checks.features, checks.verdicts) if v == "holds"}
     assert scores["examined: a label or tuning curves hold"] == len(either)
+    # `explain verify` takes a hand-written graded hypothesis too: latent 16 is tuned to red (and to the
+    # object's shape, which the hypothesis leaves out), not to blue
+    red = "colour 90%: red 1.00 > orange 0.30 > purple 0.05 > green 0.02 > yellow 0.02 > blue 0.01"
+    blue = "colour 90%: blue 1.00 > purple 0.30 > red 0.05 > green 0.02 > yellow 0.02 > orange 0.01"
+    for text, verdict, why in ((red, "incomplete", "also depends on shape"), (blue, "does not hold", "colour: r -")):
+        args = parser.parse_args(["explain", "verify", "--sae", str(folder), "--feature", "16", "--explanation", text,
+                                  "--bases", "8", "--out", str(tmp_path / verdict.replace(" ", "-"))])
+        assert args.func(args) == 0
+        checked = Result.load(tmp_path / verdict.replace(" ", "-") / "tuning_verification")
+        assert isinstance(checked, TuningVerification) and checked.verdicts == (verdict,)
+        assert checked.details[0].startswith(why), checked.details
     bad = parser.parse_args(["explain", "tuning", "--sae", str(folder), "--feature", str(sae.cfg.d_sae)])
     with pytest.raises(Exception, match=f"not in this SAE \\(0..{sae.cfg.d_sae - 1}\\)"):
         bad.func(bad)

@@ -81,7 +81,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     v.add_argument("--site", default=None, help="default: the SAE's own site")
     v.add_argument("--feature", type=int, required=True, help="the latent to test")
     v.add_argument("--explanation", required=True, help='a concept or formula, e.g. "colour=red OR colour=orange", '
-                   '"(patch=0 OR patch=1) AND background"')
+                   '"(patch=0 OR patch=1) AND background"; or tuning curves, "colour 60%%: red 1.00 > orange 0.80 > '
+                   'purple 0.60 > yellow 0.50 > green 0.20 > blue 0.20" (tuning.py)')
     v.add_argument("--bases", type=int, default=24, help="base scenes each attribute is varied from")
     v.add_argument("--refine", type=int, default=0, metavar="ROUNDS",
                    help="while it does not hold, read the feature on new scenes and verify the formula its firing "
@@ -228,7 +229,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from vlmscope.methods.explain.zoo_features import patch_maps
     from vlmscope.methods.sae import load_sae
 
-    parse_formula(args.explanation)  # clear errors before any model is loaded
+    graded = "%" in args.explanation  # tuning curves, not a formula of concepts
+    if graded:
+        from vlmscope.methods.explain.tuning import parse_tuning
+
+        parse_tuning(args.explanation)  # clear errors before any model is loaded
+        if args.refine:
+            raise SystemExit("--refine revises formulas of concepts; tuning curves are verified as given")
+    else:
+        parse_formula(args.explanation)
     ratios = _floats(args.ratios)
     m, sae = _model(args.model), load_sae(args.sae)
     site = args.site or sae.cfg.site
@@ -246,6 +255,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(res)
         print(res.to_dataframe().to_string(index=False))
         _save(res, args.out, "refinement")
+        return 0
+    if graded:
+        from vlmscope.methods.explain.tuning import verify_tuning
+
+        res = verify_tuning(feature, [args.explanation], n_bases=args.bases, seed=args.seed,
+                            names=[f"latent {args.feature}"])
+        print(res)
+        print(res.to_dataframe().to_string(index=False))
+        _save(res, args.out, "tuning_verification")
         return 0
     res = verify(feature, args.explanation, n_bases=args.bases, seed=args.seed, name=f"latent {args.feature}")
     print(res)
