@@ -153,6 +153,7 @@ def cmd_features(args: argparse.Namespace) -> int:
             print(r)
             _save(r, args.out, f"refinement-{r.feature.replace(' ', '-')}")
         scores |= more
+    checks = None
     if args.tuning:
         from vlmscope.methods.explain.zoo_features import tune_sae_features
 
@@ -165,16 +166,29 @@ def cmd_features(args: argparse.Namespace) -> int:
     print(json.dumps(scores, indent=1))
     _save(res, args.out, "explained_features")
     if args.llm_url:
-        from vlmscope.methods.explain.describe import describe_with_llm, llm_messages
-
-        for i, lab in enumerate(res.labels):
-            evidence = {"feature": int(res.features[i]), "site": site, "dissection label": lab,
-                        "best IoU": round(float(res.iou[i]), 3), "verification": res.verdicts[i],
-                        "detail": res.details[i]}
-            print("sending:", llm_messages(evidence)[-1]["content"])
-            d = describe_with_llm(evidence, args.llm_url, args.llm_model)
-            print(f"latent {int(res.features[i])}: {d.description}")
+        _llm_descriptions(args, site, res, checks)
     return 0
+
+
+def _llm_descriptions(args: argparse.Namespace, site: str, res, checks=None) -> None:
+    """Send each latent's evidence to the --llm-url endpoint and print what was sent and the reply: its
+    dissection label and verdict, and with --tuning its curves and their verdict (so latents no label
+    names are described too)."""
+    from vlmscope.methods.explain.describe import describe_with_llm, llm_messages
+
+    evidence: dict[str, dict] = {}
+    for i, lab in enumerate(res.labels):
+        evidence[f"latent {int(res.features[i])}"] = {
+            "feature": int(res.features[i]), "site": site, "dissection label": lab,
+            "best IoU": round(float(res.iou[i]), 3), "verification": res.verdicts[i], "detail": res.details[i]}
+    if checks is not None:
+        for name, text, verdict in zip(checks.features, checks.explanations, checks.verdicts):
+            if text:
+                evidence.setdefault(name, {"feature": int(name.split()[1]), "site": site}).update(
+                    {"tuning curves": text, "tuning verification": verdict})
+    for name, ev in evidence.items():
+        print("sending:", llm_messages(ev)[-1]["content"])
+        print(f"{name}: {describe_with_llm(ev, args.llm_url, args.llm_model).description}")
 
 
 def _show(scores: dict, out: str | None, results: dict) -> int:
