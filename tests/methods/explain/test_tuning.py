@@ -1,6 +1,7 @@
 """Tuning curves (explain/tuning.py): the variance share in closed form, and planted graded features
 computed from the rendered pixels, whose curves are known exactly."""
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -144,7 +145,10 @@ def test_tuning_results_save_load_and_tabulate(tuned, tmp_path):
     assert len(df) == 2 * sum(len(VALUES[a]) for a in curves.attributes)
     top = df[(df.feature == "opponent") & (df.attribute == "colour")].sort_values("level").iloc[-1]
     assert top.value == "red" and top.level == pytest.approx(1.0, abs=0.01)
-    assert len(curves.plot().axes) == 2 * len(curves.attributes) and checks.plot() is not None
+    fig, text = curves.plot(), checks.plot()
+    assert len(fig.axes) == 2 * len(curves.attributes) and text.axes[0].get_title().startswith("tuning curves: 2 of 2")
+    plt.close(fig)
+    plt.close(text)
 
 
 def test_tuning_views_show_the_preferred_scene_varied(tuned):
@@ -166,6 +170,7 @@ def test_tuning_views_show_the_preferred_scene_varied(tuned):
     assert VALUES["colour"][int(peaks.argmax())] == "red"
     fig = tuning_grid(tuning_views(_both, curves, 1), "placed")
     assert len([ax for ax in fig.axes if ax.get_images()]) == 6 + 9  # colour's and cell's values
+    plt.close(fig)
 
 
 def test_bad_tuning_input_is_refused():

@@ -302,7 +302,7 @@ def cmd_tuning(args: argparse.Namespace) -> int:
     if args.grid and args.out:
         from vlmscope.methods.explain.tuning import tuning_views
         from vlmscope.methods.explain.zoo_features import site_features
-        from vlmscope.report.plots_features import tuning_grid
+        from vlmscope.report.plots_features import plt, tuning_grid
 
         site = args.site or sae.cfg.site
         units = [int(name.rsplit(" ", 1)[1]) for name in curves.features]  # "latent 58", "<site> unit 5"
@@ -310,7 +310,9 @@ def cmd_tuning(args: argparse.Namespace) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for i, name in enumerate(curves.features):
             path = Path(args.out) / f"figure-tuning-{name.rsplit(' ', 1)[1]}.png"
-            tuning_grid(tuning_views(fn, curves, i), name).savefig(path, dpi=110)
+            fig = tuning_grid(tuning_views(fn, curves, i), name)
+            fig.savefig(path, dpi=110)
+            plt.close(fig)  # one per feature: a long list would keep them all open
             print(f"saved {path}")
     return _show(scores, args.out, {"tuning_curves": curves, "tuning_verification": checks})
 
