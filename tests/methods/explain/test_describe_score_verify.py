@@ -1,8 +1,5 @@
 """Dissection IoU, simulation scoring, the verification loop, Patchscopes and the LLM describer."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import numpy as np
 import pytest
@@ -125,36 +122,11 @@ def test_patchscope_writes_the_vector_at_the_placeholder(llava_words, tmp_path):
     assert isinstance(back, PatchscopeResult) and back.top_tokens == other.top_tokens
 
 
-class _Stub(BaseHTTPRequestHandler):
-    seen: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _Stub.seen.append((self.path, body, self.headers.get("Authorization")))
-        reply = {"choices": [{"message": {"role": "assistant", "content": " red objects \n"}}]}
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_llm_describer_against_a_local_server(tmp_path):
-    server = HTTPServer(("127.0.0.1", 0), _Stub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        evidence = {"dissection": {"colour=red": 0.8}, "top words": ["red", "circle"]}
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        res = describe_with_llm(evidence, url, model="stub", api_key="k")
-    finally:
-        server.shutdown()
-        thread.join()
-    path, body, auth = _Stub.seen[-1]
+def test_llm_describer_against_a_local_server(tmp_path, llm_server):
+    url, seen = llm_server(" red objects \n")
+    evidence = {"dissection": {"colour=red": 0.8}, "top words": ["red", "circle"]}
+    res = describe_with_llm(evidence, url, model="stub", api_key="k")
+    path, body, auth = seen[-1]
     assert path == "/v1/chat/completions" and auth == "Bearer k"
     assert body["model"] == "stub" and body["messages"] == llm_messages(evidence)
     assert "colour=red" in body["messages"][-1]["content"]

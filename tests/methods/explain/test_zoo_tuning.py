@@ -3,8 +3,6 @@ hold, and the command line (skipped when no zoo model is shipped)."""
 
 import argparse
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -14,25 +12,6 @@ from vlmscope.methods.explain.cli import add_parser
 from vlmscope.methods.explain.tuning import TuningCurves, TuningVerification, parse_tuning
 from vlmscope.methods.explain.zoo_features import explain_sae_features, tune_sae_features
 from vlmscope.results import Result
-
-
-class _Stub(BaseHTTPRequestHandler):
-    """An OpenAI-compatible endpoint that keeps each request body and answers one fixed description."""
-
-    bodies: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's name)
-        _Stub.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
-        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "a graded feature"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
 
 pytestmark = pytest.mark.skipif("shapes-llava" not in vlmscope.zoo.names(), reason="no shapes-llava in the zoo")
 
@@ -104,7 +83,7 @@ def test_domain_neurons_read_on_the_background_are_tuned_to_its_style(demo):
         tune_sae_features(zoo, None, site, features=[10000])
 
 
-def test_tuning_cli_describes_chosen_latents(demo, tmp_path, capsys):
+def test_tuning_cli_describes_chosen_latents(demo, tmp_path, capsys, llm_server):
     _, sae, folder = demo
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
@@ -120,19 +99,12 @@ def test_tuning_cli_describes_chosen_latents(demo, tmp_path, capsys):
     assert (tmp_path / "figure-tuning-16.png").exists() and (tmp_path / "figure-tuning-43.png").exists()
     # `explain features --tuning`: the labels, then the same latents' curves, and the count either way;
     # with --llm-url each latent's evidence, curves included, goes to the endpoint (a local stub here)
-    server = HTTPServer(("127.0.0.1", 0), _Stub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        args = parser.parse_args(["explain", "features", "--sae", str(folder), "--n-features", "6", "--examples",
-                                  "100", "--tuning", "--out", str(tmp_path / "both"), "--llm-url",
-                                  f"http://127.0.0.1:{server.server_address[1]}/v1", "--llm-model", "stub"])
-        assert args.func(args) == 0
-    finally:
-        server.shutdown()
-        thread.join()
+    url, seen = llm_server("a graded feature")
+    args = parser.parse_args(["explain", "features", "--sae", str(folder), "--n-features", "6", "--examples", "100",
+                              "--tuning", "--out", str(tmp_path / "both"), "--llm-url", url, "--llm-model", "stub"])
+    assert args.func(args) == 0
     out = capsys.readouterr().out
-    sent = [json.loads(body)["messages"][-1]["content"] for body in _Stub.bodies]
+    sent = [body["messages"][-1]["content"] for _, body, _ in seen]
     assert sent and any("tuning curves" in m for m in sent) and out.count(": a graded feature") == len(sent)
     scores = json.JSONDecoder().raw_decode(out[out.index("\n{\n") + 1:])[0]
     labels = Result.load(tmp_path / "both" / "explained_features")
