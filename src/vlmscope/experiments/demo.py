@@ -135,7 +135,7 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     from vlmscope.data import COLOURS, FAMILIES, SHAPES
     from vlmscope.data.vocab import answer_words
     from vlmscope.methods.explain.word_match import neuron_directions, vlm_word_match
-    from vlmscope.methods.explain.zoo_features import explain_sae_features, tune_sae_features
+    from vlmscope.methods.explain.zoo_features import explain_sae_features, tune_sae_features, unit_name
 
     folder = out / "explain"
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,15 +151,15 @@ def _stage_explain(vlm, out: Path, seed: int, shared: dict) -> dict:
     curves, checks, tuned = tune_sae_features(vlm, sae, site, n_features=50, n=200, seed=seed, explained=explained)
     curves.save(folder / "tuning-curves")
     checks.save(folder / "tuning-verification")
-    held = {f"latent {int(f)}" for f, v in zip(explained.features, explained.verdicts) if v == "holds"}
+    held = {unit_name(int(f)) for f, v in zip(explained.features, explained.verdicts) if v == "holds"}
     graded = [i for i, (f, v) in enumerate(zip(checks.features, checks.verdicts)) if v == "holds" and f not in held]
     (curves.plot(features=graded[:6]) if graded else checks.plot()).savefig(folder / "figure-tuning.png", dpi=110)
     if graded:  # the first of them as images: its preferred scene varied one attribute at a time
         from vlmscope.methods.explain.tuning import tuning_views
-        from vlmscope.methods.explain.zoo_features import site_features
+        from vlmscope.methods.explain.zoo_features import site_features, unit_index
         from vlmscope.report.plots_features import tuning_grid
 
-        fn = site_features(vlm, sae, site, [int(name.split()[1]) for name in checks.features])
+        fn = site_features(vlm, sae, site, [unit_index(name) for name in checks.features])
         tuning_grid(tuning_views(fn, curves, graded[0]), checks.features[graded[0]]).savefig(
             folder / "figure-tuning-grid.png", dpi=110)
     scores.update(tuned)

@@ -175,16 +175,17 @@ def _llm_descriptions(args: argparse.Namespace, site: str, res, checks=None) -> 
     dissection label and verdict, and with --tuning its curves and their verdict (so latents no label
     names are described too)."""
     from vlmscope.methods.explain.describe import describe_with_llm, llm_messages
+    from vlmscope.methods.explain.zoo_features import unit_index, unit_name
 
     evidence: dict[str, dict] = {}
     for i, lab in enumerate(res.labels):
-        evidence[f"latent {int(res.features[i])}"] = {
+        evidence[unit_name(int(res.features[i]))] = {
             "feature": int(res.features[i]), "site": site, "dissection label": lab,
             "best IoU": round(float(res.iou[i]), 3), "verification": res.verdicts[i], "detail": res.details[i]}
     if checks is not None:
         for name, text, verdict in zip(checks.features, checks.explanations, checks.verdicts):
             if text:
-                evidence.setdefault(name, {"feature": int(name.split()[1]), "site": site}).update(
+                evidence.setdefault(name, {"feature": unit_index(name), "site": site}).update(
                     {"tuning curves": text, "tuning verification": verdict})
     for name, ev in evidence.items():
         print("sending:", llm_messages(ev)[-1]["content"])
@@ -301,15 +302,14 @@ def cmd_tuning(args: argparse.Namespace) -> int:
         print(f"{f}: {e or '(no attribute matters)'}  [{v}{'; ' + d if d else ''}]")
     if args.grid and args.out:
         from vlmscope.methods.explain.tuning import tuning_views
-        from vlmscope.methods.explain.zoo_features import site_features
+        from vlmscope.methods.explain.zoo_features import site_features, unit_index
         from vlmscope.report.plots_features import plt, tuning_grid
 
         site = args.site or sae.cfg.site
-        units = [int(name.rsplit(" ", 1)[1]) for name in curves.features]  # "latent 58", "<site> unit 5"
-        fn = site_features(m, sae, site, units)
+        fn = site_features(m, sae, site, [unit_index(name) for name in curves.features])
         Path(args.out).mkdir(parents=True, exist_ok=True)
         for i, name in enumerate(curves.features):
-            path = Path(args.out) / f"figure-tuning-{name.rsplit(' ', 1)[1]}.png"
+            path = Path(args.out) / f"figure-tuning-{unit_index(name)}.png"
             fig = tuning_grid(tuning_views(fn, curves, i), name)
             fig.savefig(path, dpi=110)
             plt.close(fig)  # one per feature: a long list would keep them all open

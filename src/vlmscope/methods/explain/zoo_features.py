@@ -142,7 +142,7 @@ def explain_sae_features(vlm, sae, site: str, n_features: int = 50, n: int = 300
     fmaps = maps[..., feats].permute(3, 0, 1, 2)  # (feature, scene, rows, cols)
     vocab = all_concepts((*attributes, *SEEN) if seen else attributes)
     masks = concept_masks(scenes, tuple(maps.shape[1:3]), vocab)
-    names = [f"latent {int(f)}" for f in feats]
+    names = [unit_name(int(f)) for f in feats]
     dis = dissect_formulas(fmaps, masks, quantile, names, min_iou, length, ratio=ratio)
     labelled = [i for i, lab in enumerate(dis.labels) if lab]
     lab_feats = feats[labelled]
@@ -238,7 +238,7 @@ def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None
             owner = "this SAE" if sae is not None else site
             raise InputError(f"{'latents' if sae is not None else 'units'} {bad} are not in {owner} (0..{width - 1})")
 
-    names = [f"latent {f}" if sae is not None else f"{site} unit {f}" for f in feats]
+    names = [unit_name(f, None if sae is not None else site) for f in feats]
     curves, checks, sim = explain_tuning(site_features(vlm, sae, site, feats), n_bases, seed, names, min_share,
                                          where=where)
     held = [v == "holds" for v in checks.verdicts]
@@ -255,6 +255,16 @@ def tune_sae_features(vlm, sae, site: str, features: Sequence[int] | None = None
                                                                            for f, h in zip(feats, held)),
                    "share of examined explained either way": sum(either) / max(len(feats), 1)}
     return curves, checks, scores
+
+
+def unit_name(index: int, site: str | None = None) -> str:
+    """How results name a latent ("latent 58") or, given its site, a site's own unit ("<site> unit 5")."""
+    return f"latent {index}" if site is None else f"{site} unit {index}"
+
+
+def unit_index(name: str) -> int:
+    """The latent or unit index in a `unit_name`."""
+    return int(name.rsplit(" ", 1)[1])
 
 
 def site_features(vlm, sae, site: str, features: Sequence[int]):
