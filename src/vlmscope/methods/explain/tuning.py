@@ -337,7 +337,7 @@ def verify_tuning(features: FeatureFn, explanations: Sequence[str], n_bases: int
     for e in explanations:
         parse_tuning(e)  # clear errors before any scene is rendered
     fresh = tuning_curves(features, n_bases, seed, names, pool=pool, where=where)
-    if len(fresh.features) not in (1, len(explanations)) or (len(fresh.features) == 1 and len(explanations) != 1):
+    if len(fresh.features) != len(explanations):
         raise InputError(f"{len(explanations)} explanations for {len(fresh.features)} features")
     judged = [judge_tuning(fresh, i, e, r_min, min_share, min_range) for i, e in enumerate(explanations)]
     return TuningVerification(fresh.features, tuple(explanations), tuple(v for v, _ in judged),
